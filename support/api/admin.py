@@ -1,0 +1,136 @@
+"""Admin endpoints: tickets and agents. Thin: validate, await one selector or service, answer."""
+
+from adrf.views import APIView
+from asgiref.sync import sync_to_async
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.utils.urls import remove_query_param, replace_query_param
+
+from support import services
+from support.api.auth import IsAdmin
+from support.api.filters import TicketFilter
+from support.api.serializers import (
+    AgentCreateSerializer,
+    AgentSerializer,
+    TicketCreateSerializer,
+    TicketUpdateSerializer,
+    ticket_json,
+)
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def _positive_int(raw: str | None, default: int) -> int | None:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9 or int(raw) < 1:
+        return None
+    return int(raw)
+
+
+def _page_params(request) -> tuple[int, int]:
+    """?page (from 1) and ?page_size (default 20, at most 100, as DRF's paginator clamps it)."""
+    size = _positive_int(request.query_params.get("page_size"), DEFAULT_PAGE_SIZE)
+    if size is None:
+        raise exceptions.ValidationError({"page_size": ["A positive integer is required."]})
+    page = _positive_int(request.query_params.get("page"), 1)
+    if page is None:
+        raise exceptions.NotFound("Invalid page.")
+    return page, min(size, MAX_PAGE_SIZE)
+
+
+def _page_url(request, page: int) -> str:
+    url = request.build_absolute_uri()
+    if page == 1:
+        return remove_query_param(url, "page")
+    return replace_query_param(url, "page", page)
+
+
+class TicketListView(APIView):
+    permission_classes = [IsAdmin]
+
+    async def get(self, request):
+        page, size = _page_params(request)
+        filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
+        if not filterset.is_valid():
+            raise exceptions.ValidationError(filterset.errors)
+        queryset = filterset.qs
+        count = await queryset.acount()
+        last = max(1, -(-count // size))
+        if page > last:
+            raise exceptions.NotFound("Invalid page.")
+        start = (page - 1) * size
+        rows = services.ticket_rows(queryset)[start : start + size]
+        return Response(
+            {
+                "count": count,
+                "next": _page_url(request, page + 1) if page < last else None,
+                "previous": _page_url(request, page - 1) if page > 1 else None,
+                "results": [ticket_json(row) async for row in rows],
+            }
+        )
+
+    async def post(self, request):
+        serializer = TicketCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        row = await sync_to_async(services.ticket_create)(
+            **serializer.validated_data, created_by_id=request.user.pk
+        )
+        return Response(ticket_json(row), status=status.HTTP_201_CREATED)
+
+
+class TicketDetailView(APIView):
+    permission_classes = [IsAdmin]
+
+    async def get(self, request, pk):
+        row = await services.ticket_rows(services.tickets_with_holder().filter(pk=pk)).afirst()
+        if row is None:
+            raise exceptions.NotFound("No Ticket matches the given query.")
+        return Response(ticket_json(row))
+
+    async def put(self, request, pk):
+        return await self._update(request, pk, partial=False)
+
+    async def patch(self, request, pk):
+        return await self._update(request, pk, partial=True)
+
+    async def _update(self, request, pk, *, partial):
+        serializer = TicketUpdateSerializer(data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        row = await sync_to_async(services.ticket_update)(
+            ticket_id=pk, changes=serializer.validated_data
+        )
+        return Response(ticket_json(row))
+
+    async def delete(self, request, pk):
+        await sync_to_async(services.ticket_delete)(ticket_id=pk)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AgentListView(APIView):
+    permission_classes = [IsAdmin]
+
+    async def get(self, request):
+        return Response([row async for row in services.agents_with_load()])
+
+    async def post(self, request):
+        serializer = AgentCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        user = await sync_to_async(services.agent_create)(**serializer.validated_data)
+        data = {
+            "id": user.pk,
+            "username": user.username,
+            "email": user.email,
+            "is_active": user.is_active,
+            "assigned_count": 0,
+        }
+        return Response(AgentSerializer(data).data, status=status.HTTP_201_CREATED)
+
+
+class AgentDetailView(APIView):
+    permission_classes = [IsAdmin]
+
+    async def delete(self, request, pk):
+        await sync_to_async(services.agent_deactivate)(agent_id=pk)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,53 @@
+"""Token authentication and the two role permissions (no view here: DRF imports this early)."""
+
+from django.conf import settings
+from rest_framework import authentication, exceptions, permissions
+from rest_framework.authtoken.models import Token
+
+from support.services import is_agent_expr
+
+
+class TokenAuthentication(authentication.TokenAuthentication):
+    """DRF's token authentication, reading the user's agent role in the same query.
+
+    adrf runs authentication and permissions together in one worker thread
+    (``APIView.initial`` under ``sync_to_async``), so this stays a plain sync authenticator.
+    """
+
+    def authenticate_credentials(self, key):
+        token = (
+            Token.objects.select_related("user")
+            .annotate(is_agent=is_agent_expr("user_id"))
+            .filter(key=key)
+            .first()
+        )
+        if token is None:
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        if not token.user.is_active:
+            raise exceptions.AuthenticationFailed("User inactive or deleted.")
+        token.user.is_agent = token.is_agent
+        return token.user, token
+
+
+class IsAdmin(permissions.BasePermission):
+    """An active staff user."""
+
+    message = "Only admins may use this endpoint."
+
+    def has_permission(self, request, view):
+        user = request.user
+        return bool(user and user.is_authenticated and user.is_active and user.is_staff)
+
+
+class IsAgent(permissions.BasePermission):
+    """An active user in the agents group."""
+
+    message = "Only agents may use this endpoint."
+
+    def has_permission(self, request, view):
+        user = request.user
+        if not (user and user.is_authenticated and user.is_active):
+            return False
+        if not hasattr(user, "is_agent"):  # a session user: the role was not read with a token
+            user.is_agent = user.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
+        return user.is_agent

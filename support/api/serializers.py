@@ -1,0 +1,124 @@
+"""Shapes and validation of the API's bodies. No rules live here (see support.services)."""
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework import serializers
+
+from support.models import Ticket
+
+PRIORITY_NAMES = [label for _, label in Ticket.Priority.choices]  # low, normal, high, urgent
+PRIORITY_RANK = {label: rank for rank, label in Ticket.Priority.choices}
+PRIORITY_NAME = {rank: label for rank, label in Ticket.Priority.choices}
+STATUS_NAMES = [value for value, _ in Ticket.Status.choices]
+
+# Ticket ids are 64-bit, user ids 32-bit: larger numbers are input errors, not lookups.
+MAX_TICKET_ID = 2**63 - 1
+MAX_USER_ID = 2**31 - 1
+
+
+def _iso(value):
+    # The same text DRF's DateTimeField writes for an aware UTC datetime.
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+class TicketSerializer(serializers.Serializer):
+    """The ticket as the API shows it, built from a row of ``services.ticket_rows``.
+
+    The fields describe the shape; ``to_representation`` writes the row directly, since a
+    field-by-field pass costs more per ticket than the whole database read.
+    """
+
+    id = serializers.IntegerField(read_only=True)
+    title = serializers.CharField(read_only=True)
+    description = serializers.CharField(read_only=True)
+    status = serializers.ChoiceField(choices=STATUS_NAMES, read_only=True)
+    priority = serializers.ChoiceField(choices=PRIORITY_NAMES, read_only=True)
+    created_by = serializers.IntegerField(read_only=True)
+    assigned_to = serializers.IntegerField(read_only=True, allow_null=True)
+    assigned_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+
+    def to_representation(self, row):
+        return {
+            "id": row["id"],
+            "title": row["title"],
+            "description": row["description"],
+            "status": row["status"],
+            "priority": PRIORITY_NAME[row["priority"]],
+            "created_by": row["created_by_id"],
+            "assigned_to": row["assigned_to"],
+            "assigned_at": _iso(row["assigned_at"]),
+            "created_at": _iso(row["created_at"]),
+            "updated_at": _iso(row["updated_at"]),
+        }
+
+
+def ticket_json(row: dict) -> dict:
+    return TicketSerializer().to_representation(row)
+
+
+class PriorityField(serializers.ChoiceField):
+    """A priority by name on the wire, its rank in the database."""
+
+    def __init__(self, **kwargs):
+        super().__init__(choices=PRIORITY_NAMES, **kwargs)
+
+    def to_internal_value(self, data):
+        return PRIORITY_RANK[super().to_internal_value(data)]
+
+
+class TicketCreateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=200)
+    description = serializers.CharField(
+        max_length=10_000, required=False, allow_blank=True, default=""
+    )
+    # A default skips to_internal_value, so it is given as the stored rank.
+    priority = PriorityField(required=False, default=Ticket.Priority.NORMAL.value)
+
+
+class TicketUpdateSerializer(serializers.Serializer):
+    """PUT replaces every writable field (all required); PATCH (partial) any subset."""
+
+    title = serializers.CharField(max_length=200)
+    description = serializers.CharField(max_length=10_000, allow_blank=True)
+    priority = PriorityField()
+    status = serializers.ChoiceField(choices=STATUS_NAMES)
+    assigned_to = serializers.IntegerField(allow_null=True, min_value=1, max_value=MAX_USER_ID)
+
+
+class AgentTransitionSerializer(serializers.Serializer):
+    ticket_id = serializers.IntegerField(min_value=1, max_value=MAX_TICKET_ID)
+    status = serializers.ChoiceField(choices=["resolved", "closed"])
+
+
+class AgentSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    username = serializers.CharField(read_only=True)
+    email = serializers.EmailField(read_only=True)
+    is_active = serializers.BooleanField(read_only=True)
+    assigned_count = serializers.IntegerField(read_only=True)
+
+
+class AgentCreateSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
+    password = serializers.CharField(max_length=128, write_only=True, trim_whitespace=False)
+    email = serializers.EmailField(required=False, allow_blank=True, default="")
+
+    def validate(self, attrs):
+        candidate = get_user_model()(username=attrs["username"], email=attrs["email"])
+        try:
+            validate_password(attrs["password"], user=candidate)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"password": list(exc.messages)}) from None
+        return attrs
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    password = serializers.CharField(max_length=128, trim_whitespace=False)

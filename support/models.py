@@ -1,0 +1,86 @@
+"""Tickets and their assignments, with the constraints and indexes the rules depend on."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Ticket(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open"
+        ASSIGNED = "assigned"
+        RESOLVED = "resolved"
+        CLOSED = "closed"
+
+    class Priority(models.IntegerChoices):
+        # Stored as a rank so that "highest first" is a plain index order.
+        LOW = 0, "low"
+        NORMAL = 1, "normal"
+        HIGH = 2, "high"
+        URGENT = 3, "urgent"
+
+    title = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="", max_length=10_000)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.OPEN)
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.NORMAL)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="created_tickets"
+    )
+
+    class Meta:
+        indexes = [
+            # The pool: open tickets in pick order (priority desc, then oldest).
+            models.Index(
+                fields=["-priority", "created_at", "id"],
+                condition=Q(status="open"),
+                name="ticket_pool_idx",
+            ),
+            # The admin list's default order, and its status filter.
+            models.Index(fields=["-created_at", "-id"], name="ticket_newest_idx"),
+            models.Index(fields=["status", "-created_at"], name="ticket_status_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=["open", "assigned", "resolved", "closed"]),
+                name="ticket_status_valid",
+            ),
+            models.CheckConstraint(condition=Q(priority__lte=3), name="ticket_priority_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.title}"
+
+
+class TicketAssignment(models.Model):
+    """Who holds (or held) a ticket. At most one row per ticket is active."""
+
+    ticket = models.ForeignKey(Ticket, on_delete=models.CASCADE, related_name="assignments")
+    agent = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="ticket_assignments"
+    )
+    assigned_at = models.DateTimeField(default=timezone.now)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["ticket"],
+                condition=Q(is_active=True),
+                name="one_active_assignment_per_ticket",
+            ),
+        ]
+        indexes = [
+            # "What do I hold": an agent's active assignments in answer order.
+            models.Index(
+                fields=["agent", "assigned_at", "ticket"],
+                condition=Q(is_active=True),
+                name="assignment_agent_active_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        state = "active" if self.is_active else "ended"
+        return f"ticket {self.ticket_id} -> agent {self.agent_id} ({state})"

@@ -1,0 +1,430 @@
+"""The rules of the ticket service: the agent top-up, the state machine and the admin's edits.
+
+Every function here that writes is plain, synchronous and runs its whole work in one
+transaction; async views call each of them once through ``sync_to_async``.
+
+Lock contract (PostgreSQL; on SQLite every write transaction is ``BEGIN IMMEDIATE`` and so runs
+alone, and the row locks below are no-ops):
+
+- An agent's user row is the mutex for the set of tickets that agent holds. Every change that
+  adds a ticket to, or takes one from, an agent's held set locks that row first
+  (``FOR NO KEY UPDATE``, which does not block foreign-key checks of other inserts).
+- Agent rows are locked before ticket rows, several agents in id order. Nobody waits for an
+  agent row while holding a ticket lock, so no deadlock cycle can form.
+- Pool tickets are taken with ``FOR NO KEY UPDATE SKIP LOCKED``: an agent never waits for a
+  ticket another agent is taking; it takes the next one.
+- A decision is made only on values read after the locks are held.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Exists, F, FilteredRelation, OuterRef, Q, QuerySet
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+from support.models import Ticket, TicketAssignment
+
+User = get_user_model()
+Status = Ticket.Status
+
+# The agent's state machine: the moves an agent may make on a ticket it holds.
+AGENT_MOVES: dict[str, tuple[str, ...]] = {
+    Status.OPEN: (),
+    Status.ASSIGNED: (Status.RESOLVED,),
+    Status.RESOLVED: (Status.CLOSED,),
+    Status.CLOSED: (),
+}
+
+# Admin edits may set any status, under these rules (checked in ticket_update):
+# - "open" has no agent: it ends the active assignment and returns the ticket to the pool;
+# - "assigned", "resolved" and "closed" need an agent (given, or already holding the ticket);
+# - "assigned" counts toward the agent's cap; "resolved"/"closed" keep the assignment as the
+#   record of who worked the ticket.
+
+TICKET_FIELDS = (
+    "id",
+    "title",
+    "description",
+    "status",
+    "priority",
+    "created_by_id",
+    "created_at",
+    "updated_at",
+)
+
+# How many times an admin edit retries when the ticket's holder changed between the unlocked
+# read and the locked one (a concurrent fetch or edit); each try is short.
+_ADMIN_EDIT_TRIES = 5
+
+
+# --- Errors the rules raise (mapped to HTTP in support.api.errors) ----------------------------
+class ServiceError(Exception):
+    """A refused operation; ``detail`` is meant for the person who asked."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class Conflict(ServiceError):
+    """The request is well-formed but a rule forbids it now (HTTP 409)."""
+
+
+class TransitionNotAllowed(Conflict):
+    def __init__(self, current: str, requested: str, allowed: Iterable[str]):
+        allowed = tuple(allowed)
+        nxt = ", ".join(allowed) if allowed else "none"
+        super().__init__(
+            f"Cannot move a ticket from '{current}' to '{requested}'. Allowed next statuses: {nxt}."
+        )
+        self.current = current
+        self.allowed = allowed
+
+
+class AgentAtCapacity(Conflict):
+    pass
+
+
+class ConcurrentChange(Conflict):
+    pass
+
+
+class InvalidField(ServiceError):
+    """A field names something that does not qualify (HTTP 400 with field errors)."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(detail)
+        self.field = field
+
+
+class AgentInactive(ServiceError):
+    """The caller's account was deactivated while the request ran (HTTP 401)."""
+
+
+class NotAnAgent(ServiceError):
+    """The caller is not in the agents group (HTTP 403)."""
+
+
+# --- Selectors shared by the rules and the read endpoints ------------------------------------
+def agents_group() -> Group:
+    group, _ = Group.objects.get_or_create(name=settings.SUPPORT_AGENTS_GROUP)
+    return group
+
+
+def is_agent_expr(user_ref: str = "pk"):
+    """True when the user the outer row names (by ``user_ref``) is in the agents group."""
+    return Exists(
+        User.groups.through.objects.filter(
+            user_id=OuterRef(user_ref), group__name=settings.SUPPORT_AGENTS_GROUP
+        )
+    )
+
+
+def tickets_with_holder() -> QuerySet:
+    """Tickets joined (LEFT) to their active assignment, as ``active``."""
+    return Ticket.objects.annotate(
+        active=FilteredRelation("assignments", condition=Q(assignments__is_active=True))
+    )
+
+
+def ticket_rows(queryset: QuerySet) -> QuerySet:
+    """Rows (dicts) with the ticket's fields and its holder, in one query."""
+    return queryset.values(
+        *TICKET_FIELDS,
+        assigned_to=F("active__agent_id"),
+        assigned_at=F("active__assigned_at"),
+    )
+
+
+def held_tickets(agent_id: int) -> QuerySet:
+    """The tickets ``agent_id`` holds in status assigned, in answer order."""
+    return ticket_rows(
+        tickets_with_holder()
+        .filter(active__agent_id=agent_id, status=Status.ASSIGNED)
+        .order_by("active__assigned_at", "id")
+    )
+
+
+def agents_with_load() -> QuerySet:
+    """Every agent (active or not) with how many tickets it holds in status assigned."""
+    return (
+        User.objects.filter(groups__name=settings.SUPPORT_AGENTS_GROUP)
+        .annotate(
+            assigned_count=Count(
+                "ticket_assignments",
+                filter=Q(
+                    ticket_assignments__is_active=True,
+                    ticket_assignments__ticket__status=Status.ASSIGNED,
+                ),
+            )
+        )
+        .order_by("pk")
+        .values("id", "username", "email", "is_active", "assigned_count")
+    )
+
+
+def _count_assigned(agent_id: int) -> int:
+    return TicketAssignment.objects.filter(
+        agent_id=agent_id, is_active=True, ticket__status=Status.ASSIGNED
+    ).count()
+
+
+@dataclass(frozen=True)
+class _LockedUser:
+    id: int
+    is_active: bool
+    is_agent: bool
+
+
+def _lock_users(user_ids: Iterable[int]) -> dict[int, _LockedUser]:
+    """Lock the given users' rows, in id order, and read them after the lock."""
+    ids = sorted(set(user_ids))
+    if not ids:
+        return {}
+    rows = (
+        User.objects.select_for_update(no_key=True, of=("self",))
+        .filter(pk__in=ids)
+        .annotate(is_agent=is_agent_expr())
+        .order_by("pk")
+        .values_list("pk", "is_active", "is_agent")
+    )
+    return {pk: _LockedUser(pk, active, agent) for pk, active, agent in rows}
+
+
+def _lock_ticket_row(ticket_id: int) -> dict | None:
+    """Lock one ticket's row and return it with its holder, or None when it does not exist."""
+    return ticket_rows(
+        tickets_with_holder().select_for_update(no_key=True, of=("self",)).filter(pk=ticket_id)
+    ).first()
+
+
+def _require_active_agent(locked: dict[int, _LockedUser], agent_id: int) -> None:
+    user = locked.get(agent_id)
+    if user is None or not user.is_active:
+        raise AgentInactive("User inactive or deleted.")
+    if not user.is_agent:
+        raise NotAnAgent("You do not have permission to perform this action.")
+
+
+# --- Agents: the top-up and the state machine -------------------------------------------------
+def tickets_top_up(*, agent_id: int) -> list[dict]:
+    """Top the agent up to the cap from the pool and return what it holds.
+
+    One transaction: lock the agent's row (its own concurrent calls queue here), read what it
+    holds in status assigned, take the missing number of open tickets with
+    ``FOR NO KEY UPDATE SKIP LOCKED`` in pick order (priority, then created_at, then id), mark
+    them assigned and record an assignment for each. Returns the held tickets as rows, ordered
+    by assigned_at then id. Raises AgentInactive / NotAnAgent if the caller lost its role.
+    """
+    cap = settings.SUPPORT_AGENT_MAX_TICKETS
+    with transaction.atomic():
+        _require_active_agent(_lock_users([agent_id]), agent_id)
+        held = list(held_tickets(agent_id))
+        missing = cap - len(held)
+        if missing <= 0:
+            return held
+        picked = list(
+            Ticket.objects.select_for_update(skip_locked=True, no_key=True)
+            .filter(status=Status.OPEN)
+            .order_by("-priority", "created_at", "id")
+            .values(*TICKET_FIELDS)[:missing]
+        )
+        if not picked:
+            return held
+        now = timezone.now()
+        ids = [row["id"] for row in picked]
+        Ticket.objects.filter(pk__in=ids).update(status=Status.ASSIGNED, updated_at=now)
+        TicketAssignment.objects.bulk_create(
+            TicketAssignment(ticket_id=pk, agent_id=agent_id, assigned_at=now) for pk in ids
+        )
+        for row in picked:
+            row.update(
+                status=Status.ASSIGNED, updated_at=now, assigned_to=agent_id, assigned_at=now
+            )
+        held.extend(picked)
+        held.sort(key=lambda row: (row["assigned_at"], row["id"]))
+        return held
+
+
+def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str) -> dict:
+    """Move a ticket the agent holds one step along AGENT_MOVES.
+
+    Locks the agent row, then the ticket row. Raises NotFound when the ticket does not exist or
+    is not actively assigned to the agent (the two are not told apart), TransitionNotAllowed for
+    a move the state machine forbids.
+    """
+    with transaction.atomic():
+        _require_active_agent(_lock_users([agent_id]), agent_id)
+        row = _lock_ticket_row(ticket_id)
+        if row is None or row["assigned_to"] != agent_id:
+            raise NotFound("No such ticket among yours.")
+        allowed = AGENT_MOVES[row["status"]]
+        if to_status not in allowed:
+            raise TransitionNotAllowed(row["status"], to_status, allowed)
+        now = timezone.now()
+        Ticket.objects.filter(pk=ticket_id).update(status=to_status, updated_at=now)
+        row.update(status=to_status, updated_at=now)
+        return row
+
+
+# --- Admins: tickets ------------------------------------------------------------------------
+def ticket_create(*, title: str, description: str, priority: int, created_by_id: int) -> dict:
+    ticket = Ticket.objects.create(
+        title=title, description=description, priority=priority, created_by_id=created_by_id
+    )
+    return ticket_rows(tickets_with_holder().filter(pk=ticket.pk)).get()
+
+
+def _holder_of(ticket_id: int) -> int | None:
+    row = ticket_rows(tickets_with_holder().filter(pk=ticket_id)).first()
+    if row is None:
+        raise NotFound("No Ticket matches the given query.")
+    return row["assigned_to"]
+
+
+def ticket_update(*, ticket_id: int, changes: dict) -> dict:
+    """Apply an admin's edit: any of title, description, priority, status, assigned_to.
+
+    ``assigned_to`` present and None means "no agent". Locks the current holder and the new
+    agent (id order), then the ticket; if the holder changed before the locks were taken, the
+    edit starts over (ConcurrentChange after a few tries). Raises InvalidField when
+    ``assigned_to`` is not an active agent, Conflict when the result would break a rule, and
+    AgentAtCapacity when the agent already holds the cap in status assigned.
+    """
+    for _ in range(_ADMIN_EDIT_TRIES):
+        holder = _holder_of(ticket_id)
+        wanted = changes.get("assigned_to", holder)
+        with transaction.atomic():
+            locked = _lock_users(pk for pk in (holder, wanted) if pk is not None)
+            row = _lock_ticket_row(ticket_id)
+            if row is None:
+                raise NotFound("No Ticket matches the given query.")
+            if row["assigned_to"] != holder:
+                continue  # a concurrent change moved the ticket: read it again
+            return _apply_admin_edit(row, changes, locked)
+    raise ConcurrentChange("The ticket kept changing while it was being edited; try again.")
+
+
+def _apply_admin_edit(row: dict, changes: dict, locked: dict[int, _LockedUser]) -> dict:
+    holder, current = row["assigned_to"], row["status"]
+    status = changes.get("status")
+    if "assigned_to" in changes:
+        agent = changes["assigned_to"]
+        if agent is not None and agent != holder:
+            user = locked.get(agent)
+            if user is None or not user.is_active or not user.is_agent:
+                raise InvalidField("assigned_to", f"User {agent} is not an active agent.")
+        if status is None:
+            if agent is None:
+                status = Status.OPEN
+            else:
+                status = Status.ASSIGNED if current == Status.OPEN else current
+    else:
+        status = status or current
+        agent = None if status == Status.OPEN else holder
+
+    if status == Status.OPEN and agent is not None:
+        raise Conflict(
+            "An open ticket has no agent: leave assigned_to out or set it to null, "
+            "or choose another status."
+        )
+    if status != Status.OPEN and agent is None:
+        raise Conflict(f"A ticket in status '{status}' needs an agent: give assigned_to.")
+    if status == Status.ASSIGNED:
+        user = locked.get(agent)
+        if user is None or not user.is_active or not user.is_agent:
+            raise Conflict(f"User {agent} is no longer an active agent; assign someone else.")
+        gains = not (current == Status.ASSIGNED and agent == holder)
+        cap = settings.SUPPORT_AGENT_MAX_TICKETS
+        if gains and _count_assigned(agent) >= cap:
+            raise AgentAtCapacity(f"Agent {agent} already holds {cap} assigned tickets (the cap).")
+
+    now = timezone.now()
+    ticket_id = row["id"]
+    if agent != holder:
+        if holder is not None:
+            TicketAssignment.objects.filter(ticket_id=ticket_id, is_active=True).update(
+                is_active=False
+            )
+        if agent is not None:
+            TicketAssignment.objects.create(ticket_id=ticket_id, agent_id=agent, assigned_at=now)
+
+    edited = ("title", "description", "priority")
+    fields = {name: changes[name] for name in edited if name in changes}
+    fields["status"] = status
+    if agent != holder or any(row[name] != value for name, value in fields.items()):
+        Ticket.objects.filter(pk=ticket_id).update(**fields, updated_at=now)
+    return ticket_rows(tickets_with_holder().filter(pk=ticket_id)).get()
+
+
+def ticket_delete(*, ticket_id: int) -> None:
+    """Delete a ticket and its assignments, locking its holder first like any other change."""
+    for _ in range(_ADMIN_EDIT_TRIES):
+        holder = _holder_of(ticket_id)
+        with transaction.atomic():
+            _lock_users([holder] if holder is not None else [])
+            row = _lock_ticket_row(ticket_id)
+            if row is None:
+                raise NotFound("No Ticket matches the given query.")
+            if row["assigned_to"] != holder:
+                continue
+            Ticket.objects.filter(pk=ticket_id).delete()
+            return
+    raise ConcurrentChange("The ticket kept changing while it was being deleted; try again.")
+
+
+# --- Admins: agents -------------------------------------------------------------------------
+def agent_create(*, username: str, password: str, email: str = ""):
+    """Create an active user in the agents group. Raises InvalidField when the name is taken.
+
+    The password is expected to have passed Django's validators already (the serializer's job).
+    """
+    try:
+        with transaction.atomic():
+            if User.objects.filter(username=username).exists():
+                raise InvalidField("username", "A user with that username already exists.")
+            user = User.objects.create_user(username=username, password=password, email=email)
+            user.groups.add(agents_group())
+    except IntegrityError:
+        # Two creations of one name raced; the database's unique index decided.
+        raise InvalidField("username", "A user with that username already exists.") from None
+    return user
+
+
+def agent_deactivate(*, agent_id: int) -> None:
+    """Deactivate an agent and return every ticket it holds in status assigned to the pool.
+
+    Locks the agent row, then its tickets. Resolved and closed tickets keep their assignment as
+    the record of who worked them. The agent's tokens are deleted. Idempotent.
+    """
+    with transaction.atomic():
+        locked = _lock_users([agent_id])
+        if agent_id not in locked or not locked[agent_id].is_agent:
+            raise NotFound("No agent matches the given query.")
+        User.objects.filter(pk=agent_id).update(is_active=False)
+        released = list(
+            Ticket.objects.select_for_update(no_key=True, of=("self",))
+            .filter(
+                status=Status.ASSIGNED,
+                assignments__agent_id=agent_id,
+                assignments__is_active=True,
+            )
+            .values_list("pk", flat=True)
+        )
+        if released:
+            TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(
+                is_active=False
+            )
+            Ticket.objects.filter(pk__in=released).update(
+                status=Status.OPEN, updated_at=timezone.now()
+            )
+        Token.objects.filter(user_id=agent_id).delete()

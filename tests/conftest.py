@@ -1,0 +1,108 @@
+"""Personas, small factories and an HTTP client over the real ASGI application."""
+
+import itertools
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+from rest_framework.authtoken.models import Token
+
+from support import services
+from support.models import Ticket
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def asgi_app():
+    from project.asgi import application
+
+    return application
+
+
+@pytest.fixture
+def make_client(asgi_app):
+    """``make_client(token=None)`` -> an httpx.AsyncClient speaking to the ASGI app."""
+    clients = []
+
+    def make(token: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Token {token}"} if token else {}
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi_app),
+            base_url="http://testserver",
+            headers=headers,
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    # The clients hold no sockets (ASGITransport); nothing to close beyond dropping them.
+    clients.clear()
+
+
+async def run_sync(fn, /, *args, **kwargs):
+    """Run ``fn`` in the sync worker thread and give its database connection back after.
+
+    Outside a request, asgiref's worker thread would otherwise keep a pooled connection checked
+    out for the rest of the session.
+    """
+
+    def call():
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return await sync_to_async(call)()
+
+
+def create_user(*, staff: bool = False, agent: bool = False, password: str = "pw-for-tests-1"):
+    user = services.User.objects.create_user(
+        username=f"user{next(_names)}", password=password, is_staff=staff
+    )
+    if agent:
+        user.groups.add(services.agents_group())
+    user.token = Token.objects.create(user=user).key
+    return user
+
+
+def create_tickets(creator, count: int, **fields) -> list[Ticket]:
+    return Ticket.objects.bulk_create(
+        Ticket(title=f"ticket {n}", created_by=creator, **fields) for n in range(count)
+    )
+
+
+@pytest.fixture
+def admin(db):
+    return create_user(staff=True)
+
+
+@pytest.fixture
+def agent(db):
+    return create_user(agent=True)
+
+
+@pytest.fixture
+def other_agent(db):
+    return create_user(agent=True)
+
+
+@pytest.fixture
+def admin_client(admin, make_client):
+    return make_client(admin.token)
+
+
+@pytest.fixture
+def agent_client(agent, make_client):
+    return make_client(agent.token)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_pool_before_teardown(django_db_setup, django_db_blocker):
+    """Return pooled connections before the test database is dropped (else DROP refuses)."""
+    yield
+    with django_db_blocker.unblock():
+        connection.close()
+        if hasattr(connection, "close_pool"):
+            connection.close_pool()
