@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run the whole suite: lint, every test on a throwaway PostgreSQL, the smoke subset on SQLite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+ensure_venv test
+
+# PostgreSQL server binaries (initdb, pg_ctl) for the throwaway test cluster.
+if ! command -v pg_ctl >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
+    echo "Installing PostgreSQL server binaries (apt-get)..."
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+# As root, the test cluster runs as the postgres user (PostgreSQL refuses to run as root).
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    useradd --system --no-create-home postgres
+fi
+
+ruff check .
+ruff format --check .
+
+start=$(date +%s)
+python -m pytest "$@"
+echo "== smoke run on SQLite, the default database =="
+TEST_DATABASE=sqlite python -m pytest -m smoke "$@"
+echo "suite time: $(( $(date +%s) - start )) s"
