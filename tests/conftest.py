@@ -4,7 +4,7 @@ import itertools
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
 from rest_framework.authtoken.models import Token
 
@@ -100,9 +100,14 @@ def agent_client(agent, make_client):
 
 @pytest.fixture(scope="session", autouse=True)
 def _close_pool_before_teardown(django_db_setup, django_db_blocker):
-    """Return pooled connections before the test database is dropped (else DROP refuses)."""
+    """Return pooled connections before the test database is dropped (else DROP refuses).
+
+    Async ORM calls made by test code (outside a request) run in asgiref's single sync worker
+    thread, whose connection stays open until closed from that thread.
+    """
     yield
     with django_db_blocker.unblock():
+        SyncToAsync.single_thread_executor.submit(lambda: connection.close()).result()
         connection.close()
         if hasattr(connection, "close_pool"):
             connection.close_pool()
