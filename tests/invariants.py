@@ -1,0 +1,44 @@
+"""The four guarantees, checked against the database's committed state."""
+
+from django.conf import settings
+from django.db.models import Count
+
+from support.models import Ticket, TicketAssignment
+
+
+def invariant_violations() -> list[str]:
+    """Every way the committed data breaks a guarantee; empty when all hold."""
+    problems = []
+    doubled = (
+        TicketAssignment.objects.filter(is_active=True)
+        .values("ticket_id")
+        .annotate(n=Count("id"))
+        .filter(n__gt=1)
+    )
+    problems += [f"ticket {row['ticket_id']} has {row['n']} active assignments" for row in doubled]
+
+    cap = settings.SUPPORT_AGENT_MAX_TICKETS
+    over = (
+        TicketAssignment.objects.filter(is_active=True, ticket__status="assigned")
+        .values("agent_id")
+        .annotate(n=Count("id"))
+        .filter(n__gt=cap)
+    )
+    problems += [f"agent {row['agent_id']} holds {row['n']} > {cap}" for row in over]
+
+    open_held = Ticket.objects.filter(status="open", assignments__is_active=True).distinct()
+    problems += [
+        f"open ticket {pk} has an active assignment"
+        for pk in open_held.values_list("pk", flat=True)
+    ]
+    unheld = Ticket.objects.exclude(status="open").exclude(assignments__is_active=True)
+    problems += [
+        f"ticket {pk} is {status} without an active assignment"
+        for pk, status in unheld.values_list("pk", "status")
+    ]
+    return problems
+
+
+def assert_invariants() -> None:
+    problems = invariant_violations()
+    assert not problems, problems

@@ -1,0 +1,210 @@
+"""The four guarantees under real concurrency: parallel requests and threads, each on its own
+database connection, with committed transactions (no test transaction hides a race)."""
+
+import asyncio
+import threading
+
+import pytest
+from django.db import IntegrityError, connection, connections, transaction
+
+from support import services
+from support.models import Ticket, TicketAssignment
+from tests.conftest import create_tickets, create_user, run_sync
+from tests.invariants import assert_invariants
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _held_by(agent_id):
+    return set(
+        TicketAssignment.objects.filter(
+            agent_id=agent_id, is_active=True, ticket__status="assigned"
+        ).values_list("ticket_id", flat=True)
+    )
+
+
+def _run_in_threads(count, target):
+    """Start ``count`` threads that each wait at a barrier, then call ``target(i)``."""
+    barrier = threading.Barrier(count)
+    results, errors = [None] * count, []
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = target(i)
+        except Exception as exc:  # reported by the caller
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a worker hung"
+    return results, errors
+
+
+# --- Guarantee 3 (and 1): agents do not block each other and never share a ticket ----------
+@pytest.mark.smoke
+async def test_twenty_agents_fetching_at_once_each_get_fifteen_disjoint(make_client, admin):
+    await run_sync(create_tickets, admin, 300)
+    agents = [await run_sync(create_user, agent=True) for _ in range(20)]
+    responses = await asyncio.gather(
+        *(make_client(a.token).get("/api/agent/tickets/") for a in agents)
+    )
+    assert [r.status_code for r in responses] == [200] * 20
+    sets = [{t["id"] for t in r.json()} for r in responses]
+    assert [len(s) for s in sets] == [15] * 20
+    assert len(set().union(*sets)) == 300  # disjoint, and the pool is used up exactly
+    for agent, held in zip(agents, sets, strict=True):
+        assert await run_sync(_held_by, agent.pk) == held
+    assert await Ticket.objects.filter(status="open").acount() == 0
+    await run_sync(assert_invariants)
+
+
+# --- Guarantee 2: one agent's own concurrent calls queue on its row --------------------------
+@pytest.mark.smoke
+async def test_one_agent_firing_25_fetches_at_once_ends_with_exactly_15(agent_client, admin, agent):
+    await run_sync(create_tickets, admin, 200)
+    responses = await asyncio.gather(*(agent_client.get("/api/agent/tickets/") for _ in range(25)))
+    assert [r.status_code for r in responses] == [200] * 25
+    answers = [sorted(t["id"] for t in r.json()) for r in responses]
+    assert all(answer == answers[0] for answer in answers)
+    assert len(answers[0]) == 15
+    assert await run_sync(_held_by, agent.pk) == set(answers[0])
+    assert await TicketAssignment.objects.acount() == 15
+    await run_sync(assert_invariants)
+
+
+def test_one_agent_topping_up_from_eight_threads_at_once_holds_exactly_15(admin, agent):
+    create_tickets(admin, 200)
+    results, errors = _run_in_threads(8, lambda i: services.tickets_top_up(agent_id=agent.pk))
+    assert errors == []
+    assert all(len(rows) == 15 for rows in results)
+    assert _held_by(agent.pk) == {row["id"] for row in results[0]}
+    assert TicketAssignment.objects.count() == 15
+    assert_invariants()
+
+
+async def test_admin_assigning_while_agent_fetches_never_passes_the_cap(
+    admin_client, agent_client, admin, agent
+):
+    tickets = await run_sync(create_tickets, admin, 40)
+    # the admin targets the tickets the pool would hand out first, so the two race for them
+    admin_calls = [
+        admin_client.patch(f"/api/tickets/{t.pk}/", json={"assigned_to": agent.pk})
+        for t in tickets[:12]
+    ]
+    agent_calls = [agent_client.get("/api/agent/tickets/") for _ in range(12)]
+    mixed = [call for pair in zip(admin_calls, agent_calls, strict=True) for call in pair]
+    responses = await asyncio.gather(*mixed)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 409}, [r.text for r in responses if r.status_code >= 500]
+    for r in responses[1::2]:  # agent answers
+        assert len(r.json()) <= 15
+    for r in responses[0::2]:
+        if r.status_code == 409:
+            assert "cap" in r.json()["detail"]
+    assert len(await run_sync(_held_by, agent.pk)) == 15
+    await run_sync(assert_invariants)
+
+
+def test_admin_assignments_from_many_threads_respect_the_cap(admin, agent):
+    tickets = create_tickets(admin, 30)
+
+    def assign(i):
+        try:
+            services.ticket_update(ticket_id=tickets[i].pk, changes={"assigned_to": agent.pk})
+        except services.AgentAtCapacity:
+            return "refused"
+        return "assigned"
+
+    results, errors = _run_in_threads(30, assign)
+    assert errors == []
+    assert results.count("assigned") == 15
+    assert results.count("refused") == 15
+    assert len(_held_by(agent.pk)) == 15
+    assert_invariants()
+
+
+async def test_agents_racing_with_transitions_reassignments_and_deactivation(
+    make_client, admin_client, admin
+):
+    await run_sync(create_tickets, admin, 120)
+    agents = [await run_sync(create_user, agent=True) for _ in range(6)]
+    clients = [make_client(a.token) for a in agents]
+    first = await asyncio.gather(*(c.get("/api/agent/tickets/") for c in clients))
+    held = [[t["id"] for t in r.json()] for r in first]
+
+    calls = []
+    for i, client in enumerate(clients):
+        calls.append(client.get("/api/agent/tickets/"))
+        calls.append(
+            client.post("/api/agent/tickets/", json={"ticket_id": held[i][0], "status": "resolved"})
+        )
+        calls.append(client.get("/api/agent/tickets/"))
+        # the admin moves one of this agent's tickets to the next agent
+        calls.append(
+            admin_client.patch(
+                f"/api/tickets/{held[i][1]}/", json={"assigned_to": agents[(i + 1) % 6].pk}
+            )
+        )
+        calls.append(admin_client.patch(f"/api/tickets/{held[i][2]}/", json={"status": "open"}))
+    calls.append(admin_client.delete(f"/api/agents/{agents[0].pk}/"))
+    responses = await asyncio.gather(*calls)
+    assert all(r.status_code < 500 for r in responses), [r.text for r in responses]
+    # 400: assigning to the agent deactivated meanwhile; 409: the cap or the state machine
+    assert {r.status_code for r in responses} <= {200, 204, 400, 401, 404, 409}
+    await run_sync(assert_invariants)
+    assert await run_sync(_held_by, agents[0].pk) == set()
+
+
+# --- Guarantee 3 again: a locked ticket is skipped, never waited for -------------------------
+async def test_fetch_skips_tickets_locked_by_another_transaction(agent_client, admin):
+    tickets = await run_sync(create_tickets, admin, 30)
+    locked_ids = [t.pk for t in tickets[:5]]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_locks():
+        try:
+            with transaction.atomic():
+                list(Ticket.objects.select_for_update().filter(pk__in=locked_ids))
+                holding.set()
+                release.wait(timeout=30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(holding.wait, 10)
+        r = await agent_client.get("/api/agent/tickets/")
+        assert r.status_code == 200  # a wait would end in the lock timeout's 503
+        taken = {t["id"] for t in r.json()}
+        assert len(taken) == 15
+        assert taken.isdisjoint(locked_ids)
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+
+
+# --- Guarantee 1: the database itself refuses a second active assignment --------------------
+@pytest.mark.smoke
+def test_database_refuses_a_second_active_assignment_when_code_is_bypassed(admin, agent):
+    other = create_user(agent=True)
+    [ticket] = create_tickets(admin, 1)
+    TicketAssignment.objects.create(ticket=ticket, agent=agent)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        TicketAssignment.objects.create(ticket=ticket, agent=other)
+    with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO support_ticketassignment (ticket_id, agent_id, assigned_at, is_active)"
+            " VALUES (%s, %s, CURRENT_TIMESTAMP, %s)",
+            [ticket.pk, other.pk, True],
+        )
+    # inactive rows (the history) may repeat freely
+    TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)
+    TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)
+    assert TicketAssignment.objects.filter(ticket=ticket, is_active=True).count() == 1
