@@ -150,9 +150,9 @@ MAX_REQUEST_BODY_BYTES = env_int("MAX_REQUEST_BODY_BYTES", 1024 * 1024, minimum=
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 
 # --- HTTP, behind a TLS-terminating proxy ---------------------------------------------------
-# nginx sets X-Forwarded-Proto itself (deploy/nginx.conf), so the header can be trusted.
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-USE_X_FORWARDED_HOST = False
+# The scheme comes from uvicorn, which applies X-Forwarded-Proto/-For only from the addresses
+# in FORWARDED_ALLOW_IPS (the proxy; 127.0.0.1 by default). Django itself trusts no forwarded
+# header, so a client that reaches uvicorn directly cannot pretend to be on HTTPS.
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", not DEBUG)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000, minimum=0)

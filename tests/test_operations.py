@@ -102,3 +102,12 @@ def test_top_up_poll_and_transition_query_counts(django_assert_num_queries, admi
         services.ticket_transition_by_agent(
             agent_id=agent.pk, ticket_id=rows[0]["id"], to_status="resolved"
         )
+
+
+@pytest.mark.smoke
+async def test_healthz_answers_from_the_process_without_host_check(make_client):
+    client = make_client()
+    client.headers["Host"] = "not-an-allowed-host.example"
+    r = await client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
