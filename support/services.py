@@ -281,7 +281,8 @@ def ticket_create(*, title: str, description: str, priority: int, created_by_id:
     ticket = Ticket.objects.create(
         title=title, description=description, priority=priority, created_by_id=created_by_id
     )
-    return ticket_rows(tickets_with_holder().filter(pk=ticket.pk)).get()
+    row = {name: getattr(ticket, name) for name in TICKET_FIELDS}
+    return {**row, "assigned_to": None, "assigned_at": None}  # a new ticket is in the pool
 
 
 def _holder_of(ticket_id: int) -> int | None:
