@@ -1,0 +1,605 @@
+"""Bad input: every refusal is a 4xx (never a 500) and leaves the data exactly as it was.
+
+Each refusal test snapshots the ticket, assignment, user, membership and token rows before the
+requests and compares them after; an autouse guard fails any test during which Django logged a
+server error.
+"""
+
+import gc
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from django.conf import settings
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+from support import services
+from support.models import Ticket, TicketAssignment
+from tests.conftest import create_tickets, run_sync
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GOOD_PASSWORD = "A-long-enough-Passw0rd"
+
+
+def db_state() -> dict:
+    """Every row a refused request could touch, in a comparable form."""
+    User = services.User
+    return {
+        "tickets": list(Ticket.objects.order_by("pk").values()),
+        "assignments": list(TicketAssignment.objects.order_by("pk").values()),
+        "users": list(User.objects.order_by("pk").values()),
+        "memberships": list(User.groups.through.objects.order_by("pk").values()),
+        "tokens": list(Token.objects.order_by("pk").values()),
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_server_error_logged(caplog):
+    yield
+    errors = [
+        record.getMessage()
+        for record in caplog.get_records("call")
+        if record.name == "django.request" and record.levelno >= logging.ERROR
+    ]
+    assert errors == [], "a request ended in a server error"
+
+
+@dataclass
+class World:
+    admin: object
+    agent: object
+    held: int  # assigned to the agent
+    resolved: int  # resolved by the agent
+    open: int
+    before: dict | None = None
+
+    async def snapshot(self) -> None:
+        self.before = await run_sync(db_state)
+
+    async def assert_unchanged(self) -> None:
+        assert self.before is not None
+        assert await run_sync(db_state) == self.before, "a refused request changed data"
+
+
+@pytest.fixture
+async def world(admin, agent):
+    def build():
+        held = create_tickets(admin, 2, status=Ticket.Status.ASSIGNED, description="held")
+        resolved = create_tickets(admin, 1, status=Ticket.Status.RESOLVED)
+        now = timezone.now()
+        TicketAssignment.objects.bulk_create(
+            TicketAssignment(ticket=ticket, agent=agent, assigned_at=now)
+            for ticket in held + resolved
+        )
+        opened = create_tickets(admin, 2, priority=Ticket.Priority.HIGH)
+        return World(admin, agent, held[0].pk, resolved[0].pk, opened[0].pk)
+
+    world = await run_sync(build)
+    await world.snapshot()
+    return world
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint that takes a JSON body, the role that may call it, and a valid body."""
+
+    name: str
+    method: str
+    path: str  # "{held}": a ticket the agent holds; "{open}": an open ticket
+    role: str | None  # "admin", "agent" or None (anonymous)
+    valid_body: Callable[[World], dict]
+    success: int
+
+    def url(self, world: World) -> str:
+        return self.path.format(held=world.held, open=world.open)
+
+    def client(self, make_client, world: World) -> httpx.AsyncClient:
+        user = {"admin": world.admin, "agent": world.agent, None: None}[self.role]
+        return make_client(user.token if user is not None else None)
+
+
+JSON_ENDPOINTS = [
+    Endpoint("create-ticket", "POST", "/api/tickets/", "admin", lambda w: {"title": "t"}, 201),
+    Endpoint(
+        "put-ticket",
+        "PUT",
+        "/api/tickets/{open}/",
+        "admin",
+        lambda w: {
+            "title": "t",
+            "description": "",
+            "priority": "low",
+            "status": "open",
+            "assigned_to": None,
+        },
+        200,
+    ),
+    Endpoint(
+        "patch-ticket",
+        "PATCH",
+        "/api/tickets/{held}/",
+        "admin",
+        lambda w: {"priority": "urgent"},
+        200,
+    ),
+    Endpoint(
+        "create-agent",
+        "POST",
+        "/api/agents/",
+        "admin",
+        lambda w: {"username": "newcomer", "password": GOOD_PASSWORD},
+        201,
+    ),
+    Endpoint(
+        "agent-move",
+        "POST",
+        "/api/agent/tickets/",
+        "agent",
+        lambda w: {"ticket_id": w.held, "status": "resolved"},
+        200,
+    ),
+    Endpoint(
+        "token-login",
+        "POST",
+        "/api/auth/token/",
+        None,
+        lambda w: {"username": w.admin.username, "password": "pw-for-tests-1"},
+        200,
+    ),
+]
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def send_raw(client, endpoint: Endpoint, world: World, body: bytes, headers=JSON):
+    return await client.request(endpoint.method, endpoint.url(world), content=body, headers=headers)
+
+
+# --- Bodies that are not a JSON object ---------------------------------------------------------
+MALFORMED_JSON = [
+    b'{"title": "x"',
+    b"{'title': 'x'}",
+    b'{"title": "x",}',
+    b'{"title": "x"} trailing',
+    b'{"title": NaN}',
+    b'{"title": Infinity}',
+    b"\xff\xfe\x00{",
+    b'{"title": "\xc3"}',  # invalid UTF-8
+    b'{"title": 1' + b"0" * 5000 + b"}",  # more digits than Python converts
+]
+
+
+@pytest.mark.smoke
+async def test_malformed_json_is_refused_with_400_and_a_detail_on_every_endpoint(
+    make_client, world
+):
+    for endpoint in JSON_ENDPOINTS:
+        client = endpoint.client(make_client, world)
+        for body in MALFORMED_JSON:
+            response = await send_raw(client, endpoint, world, body)
+            assert response.status_code == 400, (endpoint.name, body[:40], response.text)
+            assert "JSON parse error" in response.json()["detail"], (endpoint.name, body[:40])
+    await world.assert_unchanged()
+
+
+async def test_json_that_is_not_an_object_is_refused_with_400_on_every_endpoint(make_client, world):
+    for endpoint in JSON_ENDPOINTS:
+        client = endpoint.client(make_client, world)
+        wrapped = b"[" + json.dumps(endpoint.valid_body(world)).encode() + b"]"
+        for body in (b"[]", wrapped, b"42", b'"x"', b"true", b"null"):
+            response = await send_raw(client, endpoint, world, body)
+            assert response.status_code == 400, (endpoint.name, body, response.text)
+            assert "non_field_errors" in response.json(), (endpoint.name, body)
+    await world.assert_unchanged()
+
+
+@pytest.mark.smoke
+async def test_non_json_content_types_are_refused_with_415_on_every_endpoint(make_client, world):
+    for endpoint in JSON_ENDPOINTS:
+        client = endpoint.client(make_client, world)
+        url = endpoint.url(world)
+        valid = endpoint.valid_body(world)
+        as_json = json.dumps(valid).encode()
+        attempts = {
+            "form": dict(data={k: "" if v is None else str(v) for k, v in valid.items()}),
+            "multipart": dict(files={"file": ("a.json", as_json, "application/json")}),
+            "text/plain": dict(content=as_json, headers={"Content-Type": "text/plain"}),
+            "xml": dict(content=b"<title>t</title>", headers={"Content-Type": "application/xml"}),
+            "json-lookalike": dict(
+                content=as_json, headers={"Content-Type": "application/vnd.api+json"}
+            ),
+            "no content type": dict(content=as_json),
+        }
+        for kind, kwargs in attempts.items():
+            response = await client.request(endpoint.method, url, **kwargs)
+            assert response.status_code == 415, (endpoint.name, kind, response.text)
+            assert "Unsupported media type" in response.json()["detail"], (endpoint.name, kind)
+    await world.assert_unchanged()
+
+    # The same bodies as JSON are accepted: the content type alone was refused.
+    for endpoint in JSON_ENDPOINTS:
+        client = endpoint.client(make_client, world)
+        response = await client.request(
+            endpoint.method, endpoint.url(world), json=endpoint.valid_body(world)
+        )
+        assert response.status_code == endpoint.success, (endpoint.name, response.text)
+
+
+# --- Strings: length, blanks, NUL bytes --------------------------------------------------------
+@pytest.mark.smoke
+async def test_title_over_200_characters_after_trimming_is_refused(admin_client, world):
+    too_long = "  " + "t" * 201 + "  "
+    for method, url, extra in (
+        ("POST", "/api/tickets/", {}),
+        ("PATCH", f"/api/tickets/{world.held}/", {}),
+        (
+            "PUT",
+            f"/api/tickets/{world.open}/",
+            {"description": "", "priority": "low", "status": "open", "assigned_to": None},
+        ),
+    ):
+        response = await admin_client.request(method, url, json={"title": too_long, **extra})
+        assert response.status_code == 400, (method, response.text)
+        assert list(response.json()) == ["title"]
+        assert "200" in response.json()["title"][0]
+    await world.assert_unchanged()
+
+
+async def test_description_over_10000_characters_is_refused(admin_client, world):
+    too_long = "d" * 10_001
+    create = await admin_client.post("/api/tickets/", json={"title": "t", "description": too_long})
+    patch = await admin_client.patch(
+        f"/api/tickets/{world.held}/", json={"title": "new", "description": too_long}
+    )
+    for response in (create, patch):
+        assert response.status_code == 400, response.text
+        assert list(response.json()) == ["description"]
+    await world.assert_unchanged()
+
+
+async def test_title_and_description_exactly_at_their_limits_are_accepted(admin_client, world):
+    title, description = "t" * 200, "d" * 10_000
+    response = await admin_client.post(
+        "/api/tickets/", json={"title": f"  {title}\t", "description": description}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["title"] == title
+    stored = await run_sync(
+        Ticket.objects.values("title", "description").get, pk=response.json()["id"]
+    )
+    assert stored == {"title": title, "description": description}
+
+
+async def test_blank_titles_are_refused(admin_client, world):
+    for title in ("", " ", "          ", "\t\n "):
+        for method, url in (("POST", "/api/tickets/"), ("PATCH", f"/api/tickets/{world.held}/")):
+            response = await admin_client.request(method, url, json={"title": title})
+            assert response.status_code == 400, (method, repr(title), response.text)
+            assert list(response.json()) == ["title"]
+    await world.assert_unchanged()
+
+
+async def test_overlong_usernames_and_passwords_are_refused(make_client, admin_client, world):
+    cases = [
+        ("/api/agents/", {"username": "u" * 151, "password": GOOD_PASSWORD}, "username"),
+        ("/api/agents/", {"username": "fine", "password": "P4ss-" + "w" * 124}, "password"),
+        ("/api/auth/token/", {"username": "u" * 151, "password": "x"}, "username"),
+        ("/api/auth/token/", {"username": "u", "password": "p" * 129}, "password"),
+    ]
+    for url, body, field in cases:
+        client = admin_client if url == "/api/agents/" else make_client()
+        response = await client.post(url, json=body)
+        assert response.status_code == 400, (url, field, response.text)
+        assert field in response.json()
+    await world.assert_unchanged()
+
+
+@pytest.mark.smoke
+async def test_nul_bytes_in_body_strings_are_refused_with_400(make_client, admin_client, world):
+    nul = "bad\x00value"
+    held = f"/api/tickets/{world.held}/"
+    cases = [
+        (admin_client, "POST", "/api/tickets/", {"title": nul}, "title"),
+        (admin_client, "POST", "/api/tickets/", {"title": "t", "description": nul}, "description"),
+        (admin_client, "PATCH", held, {"title": nul}, "title"),
+        (admin_client, "PATCH", held, {"description": nul}, "description"),
+        (admin_client, "PATCH", held, {"priority": "high\x00"}, "priority"),
+        (admin_client, "PATCH", held, {"status": "open\x00"}, "status"),
+        (make_client(), "POST", "/api/auth/token/", {"username": nul, "password": "p"}, "username"),
+        (
+            make_client(),
+            "POST",
+            "/api/auth/token/",
+            {"username": world.admin.username, "password": "pw-for-tests-1\x00"},
+            "password",
+        ),
+        (
+            admin_client,
+            "POST",
+            "/api/agents/",
+            {"username": nul, "password": GOOD_PASSWORD},
+            "username",
+        ),
+        (
+            admin_client,
+            "POST",
+            "/api/agents/",
+            {"username": "nul1", "password": nul * 3},
+            "password",
+        ),
+        (
+            admin_client,
+            "POST",
+            "/api/agents/",
+            {"username": "nul2", "password": GOOD_PASSWORD, "email": "a\x00@example.com"},
+            "email",
+        ),
+    ]
+    for client, method, url, body, field in cases:
+        response = await client.request(method, url, json=body)
+        assert response.status_code == 400, (url, body, response.text)
+        assert field in response.json(), (url, body, response.text)
+    await world.assert_unchanged()
+
+
+async def test_nul_bytes_in_the_query_string_are_refused_with_400(admin_client, world):
+    for params, field in (
+        ({"search": "ticket\x00"}, "search"),
+        ({"search": "\x00"}, "search"),
+        ({"ordering": "title\x00"}, "ordering"),
+        ({"ordering": "\x00-created_at"}, "ordering"),
+        ({"status": "open\x00"}, "status"),
+        ({"priority": "\x00"}, "priority"),
+        ({"assigned_to": "1\x00"}, "assigned_to"),
+    ):
+        response = await admin_client.get("/api/tickets/", params=params)
+        assert response.status_code == 400, (params, response.text)
+        assert field in response.json(), params
+    await world.assert_unchanged()
+
+
+# --- Ids ---------------------------------------------------------------------------------------
+@pytest.mark.smoke
+async def test_path_ids_that_are_out_of_range_or_not_ids_answer_404(admin_client, world):
+    full_put = {
+        "title": "x",
+        "description": "",
+        "priority": "low",
+        "status": "open",
+        "assigned_to": None,
+    }
+    bad_ids = [
+        "99999999999999999999",  # 20 digits
+        "9999999999999999999",  # 19 digits, over 2**63 - 1
+        str(2**63),
+        "999999999999999999",  # 18 digits: in range, absent
+        "-1",
+        "0",
+        "abc",
+        "1.5",
+        "1e3",
+        "%00",
+        "1%00",
+        "%C2%B2",  # a superscript two, a "digit" to str.isdigit
+    ]
+    for raw in bad_ids:
+        for method in ("GET", "PUT", "PATCH", "DELETE"):
+            response = await admin_client.request(method, f"/api/tickets/{raw}/", json=full_put)
+            assert response.status_code == 404, (method, raw, response.text)
+        response = await admin_client.delete(f"/api/agents/{raw}/")
+        assert response.status_code == 404, ("agent", raw, response.text)
+    # User ids are 32-bit: a 64-bit one is absent, not an error.
+    for raw in (str(2**31), str(2**63 - 1)[:18]):
+        response = await admin_client.delete(f"/api/agents/{raw}/")
+        assert response.status_code == 404, ("agent", raw, response.text)
+    await world.assert_unchanged()
+
+
+TICKET_ID_BAD = [2**63, 2**64, -1, 0, "abc", "", 1.5, True, False, None, [], {}, "1 2", "1e3"]
+
+
+async def test_agent_ticket_id_out_of_range_or_ill_typed_is_refused_with_400(agent_client, world):
+    for value in TICKET_ID_BAD:
+        response = await agent_client.post(
+            "/api/agent/tickets/", json={"ticket_id": value, "status": "resolved"}
+        )
+        assert response.status_code == 400, (value, response.text)
+        assert list(response.json()) == ["ticket_id"], value
+    missing = await agent_client.post("/api/agent/tickets/", json={"status": "resolved"})
+    assert missing.status_code == 400
+    assert list(missing.json()) == ["ticket_id"]
+    # The largest 64-bit id is well-formed: it is simply not among the agent's tickets.
+    largest = await agent_client.post(
+        "/api/agent/tickets/", json={"ticket_id": 2**63 - 1, "status": "resolved"}
+    )
+    assert largest.status_code == 404, largest.text
+    await world.assert_unchanged()
+
+
+async def test_assigned_to_out_of_range_or_ill_typed_is_refused_with_400(admin_client, world):
+    for value in (2**31, 2**63, -5, 0, "x", "", 1.5, True, [], {}):
+        for ticket in (world.held, world.open):
+            response = await admin_client.patch(
+                f"/api/tickets/{ticket}/", json={"title": "changed", "assigned_to": value}
+            )
+            assert response.status_code == 400, (value, response.text)
+            assert list(response.json()) == ["assigned_to"], value
+    await world.assert_unchanged()
+
+
+# --- Unknown choices ---------------------------------------------------------------------------
+async def test_unknown_status_and_priority_values_are_refused_with_400(
+    admin_client, agent_client, world
+):
+    held = f"/api/tickets/{world.held}/"
+    cases = [
+        (admin_client, "POST", "/api/tickets/", {"title": "t", "priority": "critical"}, "priority"),
+        (admin_client, "POST", "/api/tickets/", {"title": "t", "priority": "URGENT"}, "priority"),
+        (admin_client, "POST", "/api/tickets/", {"title": "t", "priority": 3}, "priority"),
+        (admin_client, "POST", "/api/tickets/", {"title": "t", "priority": None}, "priority"),
+        (admin_client, "PATCH", held, {"title": "changed", "priority": ""}, "priority"),
+        (admin_client, "PATCH", held, {"title": "changed", "status": "pending"}, "status"),
+        (admin_client, "PATCH", held, {"title": "changed", "status": "OPEN"}, "status"),
+        (admin_client, "PATCH", held, {"title": "changed", "status": None}, "status"),
+        (admin_client, "PATCH", held, {"title": "changed", "status": ["open"]}, "status"),
+    ]
+    for status in ("open", "assigned", "pending", "RESOLVED", "", None, 1):
+        body = {"ticket_id": world.held, "status": status}
+        cases.append((agent_client, "POST", "/api/agent/tickets/", body, "status"))
+    cases.append((agent_client, "POST", "/api/agent/tickets/", {"ticket_id": world.held}, "status"))
+    for client, method, url, body, field in cases:
+        response = await client.request(method, url, json=body)
+        assert response.status_code == 400, (url, body, response.text)
+        assert list(response.json()) == [field], (url, body, response.text)
+    await world.assert_unchanged()
+
+
+@pytest.mark.smoke
+async def test_unknown_list_filters_are_refused_with_400(admin_client, world):
+    for params, field in (
+        ({"status": "nope"}, "status"),
+        ({"status": ["open", "nope"]}, "status"),
+        ({"priority": "x"}, "priority"),
+        ({"priority": "3"}, "priority"),
+        ({"ordering": "bogus"}, "ordering"),
+        ({"ordering": "created_at,bogus"}, "ordering"),
+        ({"ordering": "description"}, "ordering"),
+        ({"ordering": "created_by__password"}, "ordering"),
+        ({"assigned_to": "abc"}, "assigned_to"),
+        ({"assigned_to": "0"}, "assigned_to"),
+        ({"assigned_to": "-1"}, "assigned_to"),
+        ({"assigned_to": str(2**31)}, "assigned_to"),
+        ({"page_size": "abc"}, "page_size"),
+        ({"page_size": "0"}, "page_size"),
+        ({"page_size": "-1"}, "page_size"),
+        ({"page_size": "1.5"}, "page_size"),
+        ({"search": "s" * 201}, "search"),
+    ):
+        response = await admin_client.get("/api/tickets/", params=params)
+        assert response.status_code == 400, (params, response.text)
+        assert field in response.json(), (params, response.text)
+    await world.assert_unchanged()
+
+
+async def test_pages_that_do_not_exist_answer_404(admin_client, world):
+    for page in ("abc", "999", "0", "-1", "1.5", "2", "9" * 30):
+        response = await admin_client.get("/api/tickets/", params={"page": page})
+        assert response.status_code == 404, (page, response.text)
+        assert "detail" in response.json()
+    # The last page exists: 5 tickets at 2 a page make 3 pages.
+    last = await admin_client.get("/api/tickets/", params={"page": "3", "page_size": "2"})
+    assert last.status_code == 200
+    assert len(last.json()["results"]) == 1
+    await world.assert_unchanged()
+
+
+# --- Size, method, path ------------------------------------------------------------------------
+LIMIT = settings.MAX_REQUEST_BODY_BYTES
+
+
+def json_body_of_size(size: int) -> bytes:
+    """A valid ticket body of exactly ``size`` bytes (its description is far too long)."""
+    head, tail = b'{"title": "big", "description": "', b'"}'
+    return head + b"d" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.smoke
+async def test_body_over_the_limit_with_content_length_is_refused_with_413(
+    make_client, admin_client, world
+):
+    assert LIMIT == 1024 * 1024
+    body = json_body_of_size(LIMIT + 1)
+    for client, url in (
+        (admin_client, "/api/tickets/"),
+        (make_client(), "/api/auth/token/"),
+        (make_client(), "/api/tickets/"),  # refused before authentication
+    ):
+        response = await client.post(url, content=body, headers=JSON)
+        assert response.status_code == 413, (url, response.text)
+        assert response.json() == {"detail": "Request body too large."}
+    await world.assert_unchanged()
+
+
+async def test_body_at_the_limit_is_read_and_validated(admin_client, world):
+    response = await admin_client.post(
+        "/api/tickets/", content=json_body_of_size(LIMIT), headers=JSON
+    )
+    assert response.status_code == 400, response.text  # not 413: the field is what is wrong
+    assert list(response.json()) == ["description"]
+    await world.assert_unchanged()
+
+
+# Known app defect (reported, not fixed here): BodySizeLimit raises out of Django's read_body,
+# which leaves the SpooledTemporaryFile it was filling unclosed; Python reports that as an
+# unraisable ResourceWarning when the file is collected. It is collected (gc.collect) and
+# ignored in this one test so that it cannot fail an unrelated later test.
+@pytest.mark.smoke
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*SpooledTemporaryFile:pytest.PytestUnraisableExceptionWarning"
+)
+async def test_chunked_body_over_the_limit_without_content_length_is_refused_with_413(
+    admin_client, world
+):
+    chunk = 64 * 1024
+    body = json_body_of_size(4 * LIMIT)
+    sent = []
+
+    async def chunks():
+        for start in range(0, len(body), chunk):
+            sent.append(start)
+            yield body[start : start + chunk]
+
+    response = await admin_client.post("/api/tickets/", content=chunks(), headers=JSON)
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert response.status_code == 413, response.text
+    assert response.json() == {"detail": "Request body too large."}
+    # Reading stopped just past the limit: the rest of the body was never pulled.
+    assert len(sent) <= LIMIT // chunk + 2 < len(body) // chunk
+    await world.assert_unchanged()
+    gc.collect()
+
+
+async def test_wrong_methods_are_refused_with_405(make_client, admin_client, agent_client, world):
+    cases = [
+        (admin_client, "DELETE", "/api/tickets/", "GET, POST, HEAD, OPTIONS"),
+        (admin_client, "PUT", "/api/tickets/", "GET, POST, HEAD, OPTIONS"),
+        (admin_client, "POST", f"/api/tickets/{world.held}/", None),
+        (admin_client, "PATCH", "/api/agents/", None),
+        (admin_client, "GET", f"/api/agents/{world.agent.pk}/", "DELETE, OPTIONS"),
+        (agent_client, "PUT", "/api/agent/tickets/", "GET, POST, HEAD, OPTIONS"),
+        (agent_client, "DELETE", "/api/agent/tickets/", None),
+        (make_client(), "GET", "/api/auth/token/", "POST, OPTIONS"),
+    ]
+    for client, method, url, allow in cases:
+        response = await client.request(method, url)
+        assert response.status_code == 405, (method, url, response.text)
+        assert response.json() == {"detail": f'Method "{method}" not allowed.'}
+        assert method not in response.headers["Allow"]
+        if allow is not None:
+            assert response.headers["Allow"] == allow
+    await world.assert_unchanged()
+
+
+@pytest.mark.smoke
+async def test_unknown_paths_answer_404_json(make_client, admin_client, world):
+    paths = [
+        "/api/nope/",
+        "/api/",
+        "/api/tickets",  # no trailing slash: no redirect that would drop a body
+        "/api/tickets/1/extra/",
+        "/api/agent/",
+        "/nope/",
+    ]
+    for client in (make_client(), admin_client):
+        for path in paths:
+            for method in ("GET", "POST"):
+                response = await client.request(method, path, json={"title": "t"})
+                assert response.status_code == 404, (method, path, response.text)
+                assert response.json() == {"detail": "Not found."}
+    await world.assert_unchanged()
