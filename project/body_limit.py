@@ -1,7 +1,9 @@
 """ASGI wrapper that refuses request bodies over a limit with 413, declared or streamed.
 
 Django checks Content-Length only when a view reads the body, and reads a chunked body whole
-before any view runs; this stops both at the edge so no oversized body is buffered.
+before any view runs; this stops both at the edge so no oversized body is buffered. A streamed
+body that passes the limit is cut off by telling Django the client went away (Django then
+closes its buffer and gives up on the request), and the 413 is sent here.
 """
 
 import json
@@ -22,18 +24,19 @@ class BodySizeLimit:
                 return await self._respond(send)
         received = 0
         refused = False
+        started = False
 
         async def limited_receive():
             nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     refused = True
-                    raise BodyTooLarge
+                    return {"type": "http.disconnect"}
             return message
-
-        started = False
 
         async def tracked_send(message):
             nonlocal started
@@ -41,13 +44,9 @@ class BodySizeLimit:
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except BodyTooLarge:
-            if refused and not started:
-                await self._respond(send)
-            else:
-                raise
+        await self.app(scope, limited_receive, tracked_send)
+        if refused and not started:
+            await self._respond(send)
 
     @staticmethod
     async def _respond(send):
@@ -63,7 +62,3 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": _TOO_LARGE})
-
-
-class BodyTooLarge(Exception):
-    pass

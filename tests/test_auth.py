@@ -141,6 +141,8 @@ BAD_AUTHORIZATIONS = {
     "unknown token": f"Token {UNKNOWN_KEY}",
     "token with spaces": f"Token {UNKNOWN_KEY} extra",
     "non-ascii key": "Token caf\xe9".encode("latin-1"),
+    "nul in key": b"Token \x00abc",  # PostgreSQL refuses NUL: must not reach the query
+    "punctuation in key": "Token ../../etc",
 }
 
 

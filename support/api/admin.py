@@ -24,7 +24,7 @@ MAX_PAGE_SIZE = 100
 def _positive_int(raw: str | None, default: int) -> int | None:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 9 or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
         return None
     return int(raw)
 

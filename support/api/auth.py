@@ -15,6 +15,9 @@ class TokenAuthentication(authentication.TokenAuthentication):
     """
 
     def authenticate_credentials(self, key):
+        if not key.isascii() or not key.isalnum():
+            # Keys are hex; anything else cannot match, and a NUL would be refused by PostgreSQL.
+            raise exceptions.AuthenticationFailed("Invalid token.")
         token = (
             Token.objects.select_related("user")
             .annotate(is_agent=is_agent_expr("user_id"))
