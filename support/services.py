@@ -201,7 +201,25 @@ def _lock_users(user_ids: Iterable[int]) -> dict[int, _LockedUser]:
 
 
 def _lock_ticket_row(ticket_id: int) -> dict | None:
-    """Lock one ticket's row and return it with its holder, or None when it does not exist."""
+    """Lock one ticket's row, then read it with its holder; None when it does not exist.
+
+    Two statements on purpose. Under READ COMMITTED, a locking SELECT that had to wait returns
+    the newest ticket row but joins it to assignment rows from its own older snapshot: waiting
+    on a top-up that just took the ticket, it would see "assigned" with no holder. The read
+    that starts after the lock is held sees the committed holder.
+    """
+    if not Ticket.objects.select_for_update(no_key=True).filter(pk=ticket_id).exists():
+        return None
+    return ticket_rows(tickets_with_holder().filter(pk=ticket_id)).first()
+
+
+def _lock_own_ticket_row(ticket_id: int) -> dict | None:
+    """Lock one ticket's row and read it with its holder, in one statement.
+
+    Only for a caller that already holds the agent row of the holder it expects: any change of
+    that agent's tickets needs the same agent lock, so none can commit while this statement
+    waits, and a stale join can only show a ticket that is not the caller's (a 404 either way).
+    """
     return ticket_rows(
         tickets_with_holder().select_for_update(no_key=True, of=("self",)).filter(pk=ticket_id)
     ).first()
@@ -264,7 +282,7 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
     """
     with transaction.atomic():
         _require_active_agent(_lock_users([agent_id]), agent_id)
-        row = _lock_ticket_row(ticket_id)
+        row = _lock_own_ticket_row(ticket_id)
         if row is None or row["assigned_to"] != agent_id:
             raise NotFound("No such ticket among yours.")
         allowed = AGENT_MOVES[row["status"]]

@@ -208,3 +208,79 @@ def test_database_refuses_a_second_active_assignment_when_code_is_bypassed(admin
     TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)
     TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)
     assert TicketAssignment.objects.filter(ticket=ticket, is_active=True).count() == 1
+
+
+def _wait_until_blocked_on_a_lock(count=1, timeout=10.0):
+    """Wait until ``count`` other sessions are waiting for a lock (PostgreSQL only)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            if cursor.fetchone()[0] >= count:
+                return
+            time.sleep(0.02)
+    raise AssertionError("no session started waiting for the lock")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"status": "open"}, {"assigned_to": None}, {"title": "edited meanwhile"}],
+)
+def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, changes):
+    """An admin edit that waits for a ticket lock held by a top-up in progress must decide on
+    the holder that top-up committed, not on the one it read before waiting."""
+    if connection.vendor != "postgresql":
+        pytest.fail("this race needs row locks: run on PostgreSQL")
+    [ticket] = create_tickets(admin, 1)
+    picked, commit = threading.Event(), threading.Event()
+
+    def top_up_in_progress():
+        # what tickets_top_up does, paused between taking the ticket and committing
+        try:
+            with transaction.atomic():
+                services._lock_users([agent.pk])
+                list(
+                    Ticket.objects.select_for_update(no_key=True, skip_locked=True).filter(
+                        pk=ticket.pk, status="open"
+                    )
+                )
+                Ticket.objects.filter(pk=ticket.pk).update(status="assigned")
+                TicketAssignment.objects.create(ticket=ticket, agent=agent)
+                picked.set()
+                commit.wait(timeout=30)
+        finally:
+            connection.close()
+
+    outcome = {}
+
+    def admin_edit():
+        try:
+            outcome["row"] = services.ticket_update(ticket_id=ticket.pk, changes=changes)
+        except services.ServiceError as exc:
+            outcome["refused"] = exc
+        finally:
+            connection.close()
+
+    fetch = threading.Thread(target=top_up_in_progress)
+    fetch.start()
+    assert picked.wait(10)
+    edit = threading.Thread(target=admin_edit)
+    edit.start()
+    try:
+        _wait_until_blocked_on_a_lock()
+    finally:
+        commit.set()
+        fetch.join(30)
+        edit.join(30)
+    assert "refused" not in outcome, outcome.get("refused")
+    row = outcome["row"]
+    if "title" in changes:
+        assert (row["status"], row["assigned_to"]) == ("assigned", agent.pk)
+    else:
+        assert (row["status"], row["assigned_to"]) == ("open", None)
+    assert_invariants()

@@ -13,9 +13,12 @@ class IntegerFilter(django_filters.Filter):
 
 
 class TicketFilter(django_filters.FilterSet):
-    status = django_filters.MultipleChoiceFilter(choices=Ticket.Status.choices)
+    # distinct=False: these filter columns of the ticket itself, so rows cannot repeat.
+    status = django_filters.MultipleChoiceFilter(choices=Ticket.Status.choices, distinct=False)
     priority = django_filters.MultipleChoiceFilter(
-        choices=[(name, name) for name in PRIORITY_NAMES], method="filter_priority"
+        choices=[(name, name) for name in PRIORITY_NAMES],
+        method="filter_priority",
+        distinct=False,
     )
     assigned_to = IntegerFilter(min_value=1, max_value=MAX_USER_ID, field_name="active__agent_id")
     search = django_filters.CharFilter(max_length=200, method="filter_search")
