@@ -84,3 +84,50 @@ class TicketAssignment(models.Model):
     def __str__(self) -> str:
         state = "active" if self.is_active else "ended"
         return f"ticket {self.ticket_id} -> agent {self.agent_id} ({state})"
+
+
+class TicketEvent(models.Model):
+    """One change of a ticket, written in the same transaction as the change.
+
+    Events outlive their ticket: ``ticket`` carries no database constraint, and a deletion is
+    itself an event.
+    """
+
+    class Kind(models.TextChoices):
+        CREATED = "created"
+        ASSIGNED = "assigned"  # taken by an agent's fetch, or given by an admin
+        REASSIGNED = "reassigned"
+        RELEASED = "released"  # back to the pool
+        STATUS_CHANGED = "status_changed"
+        EDITED = "edited"  # title, description or priority
+        DELETED = "deleted"
+
+    ticket = models.ForeignKey(
+        Ticket,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,  # event_ticket_idx covers it
+        related_name="events",
+    )
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="ticket_actions"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    from_status = models.CharField(max_length=8, blank=True, default="")
+    to_status = models.CharField(max_length=8, blank=True, default="")
+    agent = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="ticket_events",
+    )
+    # {"field": [old, new]} in the API's terms (priority by name, assigned_to by user id).
+    changes = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["ticket", "id"], name="event_ticket_idx")]
+
+    def __str__(self) -> str:
+        return f"ticket {self.ticket_id}: {self.kind} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -27,10 +27,11 @@ from django.db.models import Count, Exists, F, FilteredRelation, OuterRef, Q, Qu
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from support.models import Ticket, TicketAssignment
+from support.models import Ticket, TicketAssignment, TicketEvent
 
 User = get_user_model()
 Status = Ticket.Status
+Kind = TicketEvent.Kind
 
 # The agent's state machine: the moves an agent may make on a ticket it holds.
 AGENT_MOVES: dict[str, tuple[str, ...]] = {
@@ -172,6 +173,19 @@ def agents_with_load() -> QuerySet:
     )
 
 
+def ticket_history(ticket_id: int) -> QuerySet:
+    """A ticket's events, oldest first (they outlive a deleted ticket)."""
+    return (
+        TicketEvent.objects.filter(ticket_id=ticket_id)
+        .order_by("id")
+        .values("id", "at", "actor_id", "kind", "from_status", "to_status", "agent_id", "changes")
+    )
+
+
+def is_holder(*, ticket_id: int, agent_id: int) -> QuerySet:
+    return TicketAssignment.objects.filter(ticket_id=ticket_id, agent_id=agent_id, is_active=True)
+
+
 def _count_assigned(agent_id: int) -> int:
     return TicketAssignment.objects.filter(
         agent_id=agent_id, is_active=True, ticket__status=Status.ASSIGNED
@@ -264,6 +278,19 @@ def tickets_top_up(*, agent_id: int) -> list[dict]:
         TicketAssignment.objects.bulk_create(
             TicketAssignment(ticket_id=pk, agent_id=agent_id, assigned_at=now) for pk in ids
         )
+        TicketEvent.objects.bulk_create(
+            TicketEvent(
+                ticket_id=pk,
+                at=now,
+                actor_id=agent_id,
+                kind=Kind.ASSIGNED,
+                from_status=Status.OPEN,
+                to_status=Status.ASSIGNED,
+                agent_id=agent_id,
+                changes={"assigned_to": [None, agent_id], "status": ["open", "assigned"]},
+            )
+            for pk in ids
+        )
         for row in picked:
             row.update(
                 status=Status.ASSIGNED, updated_at=now, assigned_to=agent_id, assigned_at=now
@@ -290,15 +317,38 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
             raise TransitionNotAllowed(row["status"], to_status, allowed)
         now = timezone.now()
         Ticket.objects.filter(pk=ticket_id).update(status=to_status, updated_at=now)
+        TicketEvent.objects.create(
+            ticket_id=ticket_id,
+            at=now,
+            actor_id=agent_id,
+            kind=Kind.STATUS_CHANGED,
+            from_status=row["status"],
+            to_status=to_status,
+            agent_id=agent_id,
+            changes={"status": [row["status"], to_status]},
+        )
         row.update(status=to_status, updated_at=now)
         return row
 
 
 # --- Admins: tickets ------------------------------------------------------------------------
 def ticket_create(*, title: str, description: str, priority: int, created_by_id: int) -> dict:
-    ticket = Ticket.objects.create(
-        title=title, description=description, priority=priority, created_by_id=created_by_id
-    )
+    with transaction.atomic():
+        ticket = Ticket.objects.create(
+            title=title, description=description, priority=priority, created_by_id=created_by_id
+        )
+        TicketEvent.objects.create(
+            ticket=ticket,
+            at=ticket.created_at,
+            actor_id=created_by_id,
+            kind=Kind.CREATED,
+            to_status=Status.OPEN,
+            changes={
+                "title": [None, title],
+                "description": [None, description],
+                "priority": [None, Ticket.Priority(priority).label],
+            },
+        )
     row = {name: getattr(ticket, name) for name in TICKET_FIELDS}
     return {**row, "assigned_to": None, "assigned_at": None}  # a new ticket is in the pool
 
@@ -310,7 +360,7 @@ def _holder_of(ticket_id: int) -> int | None:
     return row["assigned_to"]
 
 
-def ticket_update(*, ticket_id: int, changes: dict) -> dict:
+def ticket_update(*, ticket_id: int, changes: dict, actor_id: int) -> dict:
     """Apply an admin's edit: any of title, description, priority, status, assigned_to.
 
     ``assigned_to`` present and None means "no agent". Locks the current holder and the new
@@ -329,11 +379,13 @@ def ticket_update(*, ticket_id: int, changes: dict) -> dict:
                 raise NotFound("No Ticket matches the given query.")
             if row["assigned_to"] != holder:
                 continue  # a concurrent change moved the ticket: read it again
-            return _apply_admin_edit(row, changes, locked)
+            return _apply_admin_edit(row, changes, locked, actor_id)
     raise ConcurrentChange("The ticket kept changing while it was being edited; try again.")
 
 
-def _apply_admin_edit(row: dict, changes: dict, locked: dict[int, _LockedUser]) -> dict:
+def _apply_admin_edit(
+    row: dict, changes: dict, locked: dict[int, _LockedUser], actor_id: int
+) -> dict:
     holder, current = row["assigned_to"], row["status"]
     status = changes.get("status")
     if "assigned_to" in changes:
@@ -367,6 +419,16 @@ def _apply_admin_edit(row: dict, changes: dict, locked: dict[int, _LockedUser]) 
         if gains and _count_assigned(agent) >= cap:
             raise AgentAtCapacity(f"Agent {agent} already holds {cap} assigned tickets (the cap).")
 
+    fields = {
+        name: changes[name] for name in ("title", "description", "priority") if name in changes
+    }
+    fields["status"] = status
+    diff = {name: [row[name], value] for name, value in fields.items() if row[name] != value}
+    if agent != holder:
+        diff["assigned_to"] = [holder, agent]
+    if not diff:
+        return row
+
     now = timezone.now()
     ticket_id = row["id"]
     if agent != holder:
@@ -376,16 +438,40 @@ def _apply_admin_edit(row: dict, changes: dict, locked: dict[int, _LockedUser]) 
             )
         if agent is not None:
             TicketAssignment.objects.create(ticket_id=ticket_id, agent_id=agent, assigned_at=now)
-
-    edited = ("title", "description", "priority")
-    fields = {name: changes[name] for name in edited if name in changes}
-    fields["status"] = status
-    if agent != holder or any(row[name] != value for name, value in fields.items()):
-        Ticket.objects.filter(pk=ticket_id).update(**fields, updated_at=now)
+    Ticket.objects.filter(pk=ticket_id).update(**fields, updated_at=now)
+    _record(ticket_id, actor_id, diff, from_status=current, agent=agent or holder, at=now)
     return ticket_rows(tickets_with_holder().filter(pk=ticket_id)).get()
 
 
-def ticket_delete(*, ticket_id: int) -> None:
+def _event_kind(diff: dict) -> str:
+    """The one word for an edit, most telling first: where the ticket went, then its status."""
+    if "assigned_to" in diff:
+        old, new = diff["assigned_to"]
+        if new is None:
+            return Kind.RELEASED
+        return Kind.ASSIGNED if old is None else Kind.REASSIGNED
+    if "status" in diff:
+        return Kind.STATUS_CHANGED
+    return Kind.EDITED
+
+
+def _record(ticket_id, actor_id, diff, *, from_status, agent, at) -> None:
+    if "priority" in diff:
+        diff["priority"] = [Ticket.Priority(rank).label for rank in diff["priority"]]
+    to_status = diff["status"][1] if "status" in diff else from_status
+    TicketEvent.objects.create(
+        ticket_id=ticket_id,
+        at=at,
+        actor_id=actor_id,
+        kind=_event_kind(diff),
+        from_status=from_status,
+        to_status=to_status,
+        agent_id=agent,
+        changes=diff,
+    )
+
+
+def ticket_delete(*, ticket_id: int, actor_id: int) -> None:
     """Delete a ticket and its assignments, locking its holder first like any other change."""
     for _ in range(_ADMIN_EDIT_TRIES):
         holder = _holder_of(ticket_id)
@@ -397,6 +483,13 @@ def ticket_delete(*, ticket_id: int) -> None:
             if row["assigned_to"] != holder:
                 continue
             Ticket.objects.filter(pk=ticket_id).delete()
+            TicketEvent.objects.create(
+                ticket_id=ticket_id,
+                actor_id=actor_id,
+                kind=Kind.DELETED,
+                from_status=row["status"],
+                agent_id=holder,
+            )
             return
     raise ConcurrentChange("The ticket kept changing while it was being deleted; try again.")
 
@@ -419,7 +512,7 @@ def agent_create(*, username: str, password: str, email: str = ""):
     return user
 
 
-def agent_deactivate(*, agent_id: int) -> None:
+def agent_deactivate(*, agent_id: int, actor_id: int) -> None:
     """Deactivate an agent and return every ticket it holds in status assigned to the pool.
 
     Locks the agent row, then its tickets. Resolved and closed tickets keep their assignment as
@@ -440,10 +533,22 @@ def agent_deactivate(*, agent_id: int) -> None:
             .values_list("pk", flat=True)
         )
         if released:
+            now = timezone.now()
             TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(
                 is_active=False
             )
-            Ticket.objects.filter(pk__in=released).update(
-                status=Status.OPEN, updated_at=timezone.now()
+            Ticket.objects.filter(pk__in=released).update(status=Status.OPEN, updated_at=now)
+            TicketEvent.objects.bulk_create(
+                TicketEvent(
+                    ticket_id=pk,
+                    at=now,
+                    actor_id=actor_id,
+                    kind=Kind.RELEASED,
+                    from_status=Status.ASSIGNED,
+                    to_status=Status.OPEN,
+                    agent_id=agent_id,
+                    changes={"assigned_to": [agent_id, None], "status": ["assigned", "open"]},
+                )
+                for pk in released
             )
         Token.objects.filter(user_id=agent_id).delete()

@@ -1,9 +1,9 @@
 """The four guarantees, checked against the database's committed state."""
 
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, F, FilteredRelation, Q
 
-from support.models import Ticket, TicketAssignment
+from support.models import Ticket, TicketAssignment, TicketEvent
 
 
 def invariant_violations() -> list[str]:
@@ -36,6 +36,27 @@ def invariant_violations() -> list[str]:
         f"ticket {pk} is {status} without an active assignment"
         for pk, status in unheld.values_list("pk", "status")
     ]
+    return problems + history_violations()
+
+
+def history_violations() -> list[str]:
+    """Replaying each ticket's events must give its current status and holder: a change that
+    left no event (or an event without its change) shows up here."""
+    born = {"status": "open", "assigned_to": None}  # every ticket starts in the pool
+    replay: dict[int, dict] = {}
+    for event in TicketEvent.objects.order_by("id").values("ticket_id", "changes"):
+        state = replay.setdefault(event["ticket_id"], dict(born))
+        for field in ("status", "assigned_to"):
+            if field in event["changes"]:
+                state[field] = event["changes"][field][1]
+    problems = []
+    for row in Ticket.objects.annotate(
+        active=FilteredRelation("assignments", condition=Q(assignments__is_active=True))
+    ).values("id", "status", holder=F("active__agent_id")):
+        expected = replay.get(row["id"], born)
+        actual = {"status": row["status"], "assigned_to": row["holder"]}
+        if expected != actual:
+            problems.append(f"ticket {row['id']} is {actual}, its history says {expected}")
     return problems
 
 

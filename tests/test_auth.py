@@ -190,6 +190,8 @@ ROUTE_ROLE = {
     "agent-list": "admin",
     "agent-detail": "admin",
     "agent-tickets": "agent",
+    # admins, and the agent that holds the ticket; another agent is told 404, as for a move
+    "ticket-history": "admin or holder",
 }
 
 
@@ -204,9 +206,10 @@ class World:
     def url(self, pattern) -> str:
         kwargs = {}
         if "pk" in pattern.pattern.converters:
-            kwargs["pk"] = (
-                self.spare_agent.pk if pattern.name == "agent-detail" else self.open_ticket
-            )
+            kwargs["pk"] = {
+                "agent-detail": self.spare_agent.pk,
+                "ticket-history": self.held_ticket,
+            }.get(pattern.name, self.open_ticket)
         return reverse(pattern.name, kwargs=kwargs)
 
 
@@ -245,6 +248,9 @@ RIGHT_ROLE_CALLS: dict[tuple[str, str], tuple[Body, int]] = {
     ("agent-tickets", "HEAD"): (None, 200),
     ("agent-tickets", "POST"): (lambda w: {"ticket_id": w.held_ticket, "status": "resolved"}, 200),
     ("agent-tickets", "OPTIONS"): (None, 200),
+    ("ticket-history", "GET"): (None, 200),
+    ("ticket-history", "HEAD"): (None, 200),
+    ("ticket-history", "OPTIONS"): (None, 200),
 }
 
 ROUTES = [
@@ -284,23 +290,30 @@ async def test_route_admits_only_its_role(make_client, world, pattern, method):
     """Anonymous: 401 with the Token challenge. Authenticated with the wrong role (the other
     role, or no role at all): 403. Neither changes any data. The right role gets its success."""
     nobody = await run_sync(create_user)  # authenticated, neither admin nor agent
-    if ROUTE_ROLE[pattern.name] == "admin":
-        right, wrong = world.admin, world.agent
+    role = ROUTE_ROLE[pattern.name]
+    if role == "admin":
+        rights, wrongs = [world.admin], [world.agent, nobody]
+    elif role == "agent":
+        rights, wrongs = [world.agent], [world.admin, nobody]
     else:
-        right, wrong = world.agent, world.admin
+        rights, wrongs = [world.admin, world.agent], [nobody]
     before = await run_sync(db_state)
 
     assert_401(await call(make_client(), world, pattern, method))
-    for user in (wrong, nobody):
+    for user in wrongs:
         response = await call(make_client(user.token), world, pattern, method)
         assert response.status_code == 403, (user.username, response.text)
         if method != "HEAD":
             assert "detail" in response.json()
+    if role == "admin or holder" and method == "GET":
+        response = await call(make_client(world.spare_agent.token), world, pattern, method)
+        assert response.status_code == 404, response.text
     assert await run_sync(db_state) == before
 
     _, expected = RIGHT_ROLE_CALLS[(pattern.name, method)]
-    response = await call(make_client(right.token), world, pattern, method)
-    assert response.status_code == expected, response.text
+    for user in rights:
+        response = await call(make_client(user.token), world, pattern, method)
+        assert response.status_code == expected, (user.username, response.text)
 
 
 @pytest.mark.smoke

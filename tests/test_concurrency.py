@@ -8,7 +8,7 @@ import pytest
 from django.db import IntegrityError, connection, connections, transaction
 
 from support import services
-from support.models import Ticket, TicketAssignment
+from support.models import Ticket, TicketAssignment, TicketEvent
 from tests.conftest import create_tickets, create_user, run_sync
 from tests.invariants import assert_invariants
 
@@ -116,7 +116,9 @@ def test_admin_assignments_from_many_threads_respect_the_cap(admin, agent):
 
     def assign(i):
         try:
-            services.ticket_update(ticket_id=tickets[i].pk, changes={"assigned_to": agent.pk})
+            services.ticket_update(
+                ticket_id=tickets[i].pk, changes={"assigned_to": agent.pk}, actor_id=admin.pk
+            )
         except services.AgentAtCapacity:
             return "refused"
         return "assigned"
@@ -251,6 +253,13 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
                 )
                 Ticket.objects.filter(pk=ticket.pk).update(status="assigned")
                 TicketAssignment.objects.create(ticket=ticket, agent=agent)
+                TicketEvent.objects.create(
+                    ticket=ticket,
+                    actor=agent,
+                    kind="assigned",
+                    agent=agent,
+                    changes={"status": ["open", "assigned"], "assigned_to": [None, agent.pk]},
+                )
                 picked.set()
                 commit.wait(timeout=30)
         finally:
@@ -260,7 +269,9 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
 
     def admin_edit():
         try:
-            outcome["row"] = services.ticket_update(ticket_id=ticket.pk, changes=changes)
+            outcome["row"] = services.ticket_update(
+                ticket_id=ticket.pk, changes=changes, actor_id=admin.pk
+            )
         except services.ServiceError as exc:
             outcome["refused"] = exc
         finally:

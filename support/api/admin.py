@@ -7,15 +7,17 @@ from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from support import services
-from support.api.auth import IsAdmin
+from support.api.auth import IsAdmin, IsAgent
 from support.api.filters import TicketFilter
 from support.api.serializers import (
     AgentCreateSerializer,
     AgentSerializer,
     TicketCreateSerializer,
+    TicketEventSerializer,
     TicketUpdateSerializer,
     ticket_json,
 )
+from support.models import Ticket
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -99,13 +101,31 @@ class TicketDetailView(APIView):
         serializer = TicketUpdateSerializer(data=request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
         row = await sync_to_async(services.ticket_update)(
-            ticket_id=pk, changes=serializer.validated_data
+            ticket_id=pk, changes=serializer.validated_data, actor_id=request.user.pk
         )
         return Response(ticket_json(row))
 
     async def delete(self, request, pk):
-        await sync_to_async(services.ticket_delete)(ticket_id=pk)
+        await sync_to_async(services.ticket_delete)(ticket_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TicketHistoryView(APIView):
+    """Admins: any ticket's history (a deleted ticket's too). Agents: a ticket they hold."""
+
+    permission_classes = [IsAdmin | IsAgent]
+
+    async def get(self, request, pk):
+        if (
+            not request.user.is_staff
+            and not await services.is_holder(ticket_id=pk, agent_id=request.user.pk).aexists()
+        ):
+            raise exceptions.NotFound("No such ticket among yours.")
+        serializer = TicketEventSerializer()
+        events = [serializer.to_representation(row) async for row in services.ticket_history(pk)]
+        if not events and not await Ticket.objects.filter(pk=pk).aexists():
+            raise exceptions.NotFound("No Ticket matches the given query.")
+        return Response(events)
 
 
 class AgentListView(APIView):
@@ -132,5 +152,5 @@ class AgentDetailView(APIView):
     permission_classes = [IsAdmin]
 
     async def delete(self, request, pk):
-        await sync_to_async(services.agent_deactivate)(agent_id=pk)
+        await sync_to_async(services.agent_deactivate)(agent_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)

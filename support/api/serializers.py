@@ -6,7 +6,7 @@ from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from support.models import Ticket
+from support.models import Ticket, TicketEvent
 
 PRIORITY_NAMES = [label for _, label in Ticket.Priority.choices]  # low, normal, high, urgent
 PRIORITY_RANK = {label: rank for rank, label in Ticket.Priority.choices}
@@ -56,6 +56,33 @@ class TicketSerializer(serializers.Serializer):
             "assigned_at": _iso(row["assigned_at"]),
             "created_at": _iso(row["created_at"]),
             "updated_at": _iso(row["updated_at"]),
+        }
+
+
+class TicketEventSerializer(serializers.Serializer):
+    """One entry of a ticket's history, from a row of ``services.ticket_history``."""
+
+    id = serializers.IntegerField(read_only=True)
+    at = serializers.DateTimeField(read_only=True)
+    actor = serializers.IntegerField(read_only=True)
+    kind = serializers.ChoiceField(choices=TicketEvent.Kind.values, read_only=True)
+    from_status = serializers.ChoiceField(choices=STATUS_NAMES, read_only=True, allow_null=True)
+    to_status = serializers.ChoiceField(choices=STATUS_NAMES, read_only=True, allow_null=True)
+    agent = serializers.IntegerField(read_only=True, allow_null=True)
+    changes = serializers.DictField(
+        child=serializers.ListField(), read_only=True, help_text="field: [old, new]"
+    )
+
+    def to_representation(self, row):
+        return {
+            "id": row["id"],
+            "at": _iso(row["at"]),
+            "actor": row["actor_id"],
+            "kind": row["kind"],
+            "from_status": row["from_status"] or None,
+            "to_status": row["to_status"] or None,
+            "agent": row["agent_id"],
+            "changes": row["changes"],
         }
 
 

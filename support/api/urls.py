@@ -21,6 +21,7 @@ urlpatterns = [
     path("auth/token/", login.ObtainTokenView.as_view(), name="auth-token"),
     path("tickets/", admin.TicketListView.as_view(), name="ticket-list"),
     path("tickets/<id:pk>/", admin.TicketDetailView.as_view(), name="ticket-detail"),
+    path("tickets/<id:pk>/history/", admin.TicketHistoryView.as_view(), name="ticket-history"),
     path("agents/", admin.AgentListView.as_view(), name="agent-list"),
     path("agents/<id:pk>/", admin.AgentDetailView.as_view(), name="agent-detail"),
     path("agent/tickets/", agent.AgentTicketsView.as_view(), name="agent-tickets"),
