@@ -28,15 +28,19 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "servestatic",
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
     "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "support",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
     "support.middleware.DatabaseUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -138,6 +142,30 @@ REST_FRAMEWORK = {
     ],
     "EXCEPTION_HANDLER": "support.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Support tickets API",
+    "DESCRIPTION": (
+        "Admins create and manage tickets; agents pull work from a shared pool, at most "
+        "SUPPORT_AGENT_MAX_TICKETS (15) each, and move them open -> assigned -> resolved -> "
+        "closed. Authenticate with `Authorization: Token <key>` from POST /api/auth/token/."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI and ReDoc from drf-spectacular-sidecar: no CDN, works on closed networks.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "TicketStatusEnum": ["open", "assigned", "resolved", "closed"],
+        "TicketPriorityEnum": ["low", "normal", "high", "urgent"],
+        "AgentMoveEnum": ["resolved", "closed"],
+    },
 }
 
 # --- The product ----------------------------------------------------------------------------
@@ -172,6 +200,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# ServeStatic serves the admin's and the API docs' assets from the app (async middleware);
+# straight from the apps' folders, so they work without a collectstatic step. nginx may serve
+# STATIC_ROOT itself after collectstatic (deploy/).
+SERVESTATIC_USE_FINDERS = True
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOGGING = {

@@ -2,6 +2,7 @@
 
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
@@ -9,11 +10,19 @@ from rest_framework.utils.urls import remove_query_param, replace_query_param
 from support import services
 from support.api.auth import IsAdmin, IsAgent
 from support.api.filters import TicketFilter
+from support.api.schema import (
+    ID_PATH,
+    LIST_PARAMETERS,
+    PAGINATED_TICKETS,
+    answers,
+    body_errors,
+)
 from support.api.serializers import (
     AgentCreateSerializer,
     AgentSerializer,
     TicketCreateSerializer,
     TicketEventSerializer,
+    TicketSerializer,
     TicketUpdateSerializer,
     ticket_json,
 )
@@ -52,6 +61,11 @@ def _page_url(request, page: int) -> str:
 class TicketListView(APIView):
     permission_classes = [IsAdmin]
 
+    @extend_schema(
+        operation_id="tickets_list",
+        parameters=LIST_PARAMETERS,
+        responses=answers({200: PAGINATED_TICKETS}, 401, 403, 404, field_errors=True),
+    )
     async def get(self, request):
         page, size = _page_params(request)
         filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
@@ -73,6 +87,11 @@ class TicketListView(APIView):
             }
         )
 
+    @extend_schema(
+        operation_id="tickets_create",
+        request=TicketCreateSerializer,
+        responses=answers({201: TicketSerializer}, 401, 403, *body_errors(), field_errors=True),
+    )
     async def post(self, request):
         serializer = TicketCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -85,15 +104,36 @@ class TicketListView(APIView):
 class TicketDetailView(APIView):
     permission_classes = [IsAdmin]
 
+    @extend_schema(
+        operation_id="tickets_retrieve",
+        parameters=[ID_PATH],
+        responses=answers({200: TicketSerializer}, 401, 403, 404),
+    )
     async def get(self, request, pk):
         row = await services.ticket_rows(services.tickets_with_holder().filter(pk=pk)).afirst()
         if row is None:
             raise exceptions.NotFound("No Ticket matches the given query.")
         return Response(ticket_json(row))
 
+    @extend_schema(
+        operation_id="tickets_update",
+        parameters=[ID_PATH],
+        request=TicketUpdateSerializer,
+        responses=answers(
+            {200: TicketSerializer}, 401, 403, 404, 409, *body_errors(), field_errors=True
+        ),
+    )
     async def put(self, request, pk):
         return await self._update(request, pk, partial=False)
 
+    @extend_schema(
+        operation_id="tickets_partial_update",
+        parameters=[ID_PATH],
+        request=TicketUpdateSerializer(partial=True),
+        responses=answers(
+            {200: TicketSerializer}, 401, 403, 404, 409, *body_errors(), field_errors=True
+        ),
+    )
     async def patch(self, request, pk):
         return await self._update(request, pk, partial=True)
 
@@ -105,6 +145,11 @@ class TicketDetailView(APIView):
         )
         return Response(ticket_json(row))
 
+    @extend_schema(
+        operation_id="tickets_destroy",
+        parameters=[ID_PATH],
+        responses=answers({204: None}, 401, 403, 404, 409),
+    )
     async def delete(self, request, pk):
         await sync_to_async(services.ticket_delete)(ticket_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -115,6 +160,11 @@ class TicketHistoryView(APIView):
 
     permission_classes = [IsAdmin | IsAgent]
 
+    @extend_schema(
+        operation_id="tickets_history",
+        parameters=[ID_PATH],
+        responses=answers({200: TicketEventSerializer(many=True)}, 401, 403, 404),
+    )
     async def get(self, request, pk):
         if (
             not request.user.is_staff
@@ -131,9 +181,17 @@ class TicketHistoryView(APIView):
 class AgentListView(APIView):
     permission_classes = [IsAdmin]
 
+    @extend_schema(
+        operation_id="agents_list", responses=answers({200: AgentSerializer(many=True)}, 401, 403)
+    )
     async def get(self, request):
         return Response([row async for row in services.agents_with_load()])
 
+    @extend_schema(
+        operation_id="agents_create",
+        request=AgentCreateSerializer,
+        responses=answers({201: AgentSerializer}, 401, 403, *body_errors(), field_errors=True),
+    )
     async def post(self, request):
         serializer = AgentCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -151,6 +209,12 @@ class AgentListView(APIView):
 class AgentDetailView(APIView):
     permission_classes = [IsAdmin]
 
+    @extend_schema(
+        operation_id="agents_deactivate",
+        description="Deactivates the agent (kept, not erased); its tickets go back to the pool.",
+        parameters=[ID_PATH],
+        responses=answers({204: None}, 401, 403, 404),
+    )
     async def delete(self, request, pk):
         await sync_to_async(services.agent_deactivate)(agent_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -3,10 +3,12 @@
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.contrib.auth import authenticate
-from rest_framework import exceptions, permissions
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import exceptions, permissions, serializers
 from rest_framework.authtoken.models import Token
 from rest_framework.response import Response
 
+from support.api.schema import answers, body_errors
 from support.api.serializers import TokenRequestSerializer
 
 
@@ -24,6 +26,15 @@ class ObtainTokenView(APIView):
     authentication_classes = []
     permission_classes = [permissions.AllowAny]
 
+    @extend_schema(
+        operation_id="auth_token",
+        request=TokenRequestSerializer,
+        responses=answers(
+            {200: inline_serializer("Token", {"token": serializers.CharField()})},
+            *body_errors(),
+            field_errors=True,
+        ),
+    )
     async def post(self, request):
         serializer = TokenRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

@@ -105,8 +105,11 @@ class TicketCreateSerializer(serializers.Serializer):
     description = serializers.CharField(
         max_length=10_000, required=False, allow_blank=True, default=""
     )
-    # A default skips to_internal_value, so it is given as the stored rank.
-    priority = PriorityField(required=False, default=Ticket.Priority.NORMAL.value)
+    priority = PriorityField(required=False, help_text="Default: normal.")
+
+    def validate(self, attrs):
+        attrs.setdefault("priority", Ticket.Priority.NORMAL.value)  # stored as its rank
+        return attrs
 
 
 class TicketUpdateSerializer(serializers.Serializer):
@@ -135,10 +138,10 @@ class AgentSerializer(serializers.Serializer):
 class AgentCreateSerializer(serializers.Serializer):
     username = serializers.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
     password = serializers.CharField(max_length=128, write_only=True, trim_whitespace=False)
-    email = serializers.EmailField(required=False, allow_blank=True, default="")
+    email = serializers.EmailField(required=False, allow_blank=True)
 
     def validate(self, attrs):
-        candidate = get_user_model()(username=attrs["username"], email=attrs["email"])
+        candidate = get_user_model()(username=attrs["username"], email=attrs.get("email", ""))
         try:
             validate_password(attrs["password"], user=candidate)
         except DjangoValidationError as exc:

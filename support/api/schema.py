@@ -1,0 +1,88 @@
+"""What the OpenAPI schema says beyond the serializers: error bodies and the answers each
+endpoint really gives (drf-spectacular reads these through @extend_schema)."""
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
+from rest_framework import serializers
+
+from support.api.filters import TicketFilter
+from support.api.serializers import PRIORITY_NAMES, STATUS_NAMES, TicketSerializer
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+class TransitionRefusedSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    current_status = serializers.ChoiceField(choices=STATUS_NAMES)
+    allowed = serializers.ListField(child=serializers.ChoiceField(choices=STATUS_NAMES))
+
+
+# A 400 with field errors: {"field": ["message", ...]} (or {"detail": ...} for unreadable JSON).
+FIELD_ERRORS = OpenApiResponse(
+    inline_serializer(
+        "FieldErrors",
+        {"field_name": serializers.ListField(child=serializers.CharField(), required=False)},
+    ),
+    description='Invalid input: {"field": ["message"]}, or {"detail"} when the JSON is unreadable.',
+)
+_ERRORS = {
+    401: "No or bad credentials (answered with `WWW-Authenticate: Token`).",
+    403: "Authenticated, but not in the role this endpoint needs.",
+    404: "Not found.",
+    409: "A rule forbids this change now; `detail` says which.",
+    413: "Request body over the configured limit (1 MiB by default).",
+    415: "The body is not JSON.",
+    503: "The database is unavailable or a lock wait timed out (with `Retry-After`).",
+}
+
+
+def answers(ok: dict, *codes: int, field_errors: bool = False) -> dict:
+    """``ok`` (status -> body) plus the listed error codes, each with its body shape."""
+    responses = dict(ok)
+    if field_errors:
+        responses[400] = FIELD_ERRORS
+    for code in (*codes, 503):
+        responses[code] = OpenApiResponse(ErrorSerializer, description=_ERRORS[code])
+    return responses
+
+
+def body_errors() -> tuple[int, ...]:
+    return (413, 415)
+
+
+# drf-spectacular names the path parameter "id" (SCHEMA_COERCE_PATH_PK); this types it.
+ID_PATH = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH)
+
+PAGINATED_TICKETS = inline_serializer(
+    "PaginatedTicketList",
+    {
+        "count": serializers.IntegerField(),
+        "next": serializers.URLField(allow_null=True),
+        "previous": serializers.URLField(allow_null=True),
+        "results": TicketSerializer(many=True),
+    },
+)
+
+_ORDERING = [
+    name
+    for field in TicketFilter.base_filters["ordering"].param_map
+    for name in (field, f"-{field}")
+]
+LIST_PARAMETERS = [
+    OpenApiParameter("page", OpenApiTypes.INT, description="Page number, from 1."),
+    OpenApiParameter(
+        "page_size", OpenApiTypes.INT, description="Tickets per page (default 20, at most 100)."
+    ),
+    OpenApiParameter("status", str, enum=STATUS_NAMES, many=True, description="Repeatable."),
+    OpenApiParameter("priority", str, enum=PRIORITY_NAMES, many=True, description="Repeatable."),
+    OpenApiParameter("assigned_to", OpenApiTypes.INT, description="The holder's user id."),
+    OpenApiParameter("search", str, description="Case-insensitive, in title or description."),
+    OpenApiParameter(
+        "ordering",
+        str,
+        enum=_ORDERING,
+        description="Default -created_at. priority orders by rank (low < ... < urgent).",
+    ),
+]
