@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from support.api.metrics import MetricsView
+
 urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
@@ -9,6 +11,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("support.api.urls")),
     path("api-auth/", include("rest_framework.urls")),
+    path("metrics", MetricsView.as_view(), name="metrics"),
 ]
 
 handler400 = "support.api.views_errors.bad_request"

@@ -16,6 +16,7 @@ alone, and the row locks below are no-ops):
 - A decision is made only on values read after the locks are held.
 """
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from django.db.models import Count, Exists, F, FilteredRelation, OuterRef, Q, Qu
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from support import observability as obs
 from support.models import Ticket, TicketAssignment, TicketEvent
 
 User = get_user_model()
@@ -204,13 +206,15 @@ def _lock_users(user_ids: Iterable[int]) -> dict[int, _LockedUser]:
     ids = sorted(set(user_ids))
     if not ids:
         return {}
-    rows = (
+    started = time.perf_counter()
+    rows = list(
         User.objects.select_for_update(no_key=True, of=("self",))
         .filter(pk__in=ids)
         .annotate(is_agent=is_agent_expr())
         .order_by("pk")
         .values_list("pk", "is_active", "is_agent")
     )
+    obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
     return {pk: _LockedUser(pk, active, agent) for pk, active, agent in rows}
 
 
@@ -271,6 +275,7 @@ def tickets_top_up(*, agent_id: int) -> list[dict]:
             .values(*TICKET_FIELDS)[:missing]
         )
         if not picked:
+            transaction.on_commit(lambda: _pool_was_empty(agent_id, missing))
             return held
         now = timezone.now()
         ids = [row["id"] for row in picked]
@@ -295,9 +300,20 @@ def tickets_top_up(*, agent_id: int) -> list[dict]:
             row.update(
                 status=Status.ASSIGNED, updated_at=now, assigned_to=agent_id, assigned_at=now
             )
+        transaction.on_commit(lambda: _topped_up(agent_id, ids))
         held.extend(picked)
         held.sort(key=lambda row: (row["assigned_at"], row["id"]))
         return held
+
+
+def _topped_up(agent_id: int, ids: list[int]) -> None:
+    obs.TOPUP_ASSIGNED.observe(len(ids))
+    obs.log_event("tickets assigned by fetch", agent_id=agent_id, ticket_ids=ids)
+
+
+def _pool_was_empty(agent_id: int, missing: int) -> None:
+    obs.TOPUP_POOL_EMPTY.inc()
+    obs.log_event("fetch found the pool empty", agent_id=agent_id, missing=missing)
 
 
 def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str) -> dict:
@@ -326,6 +342,11 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
             to_status=to_status,
             agent_id=agent_id,
             changes={"status": [row["status"], to_status]},
+        )
+        transaction.on_commit(
+            lambda: obs.log_event(
+                f"ticket {to_status} by agent", ticket_id=ticket_id, agent_id=agent_id
+            )
         )
         row.update(status=to_status, updated_at=now)
         return row
@@ -417,6 +438,8 @@ def _apply_admin_edit(
         gains = not (current == Status.ASSIGNED and agent == holder)
         cap = settings.SUPPORT_AGENT_MAX_TICKETS
         if gains and _count_assigned(agent) >= cap:
+            obs.CAP_REFUSALS.inc()
+            obs.log_event("assignment refused at the cap", agent_id=agent, ticket_id=row["id"])
             raise AgentAtCapacity(f"Agent {agent} already holds {cap} assigned tickets (the cap).")
 
     fields = {
@@ -439,7 +462,12 @@ def _apply_admin_edit(
         if agent is not None:
             TicketAssignment.objects.create(ticket_id=ticket_id, agent_id=agent, assigned_at=now)
     Ticket.objects.filter(pk=ticket_id).update(**fields, updated_at=now)
-    _record(ticket_id, actor_id, diff, from_status=current, agent=agent or holder, at=now)
+    kind = _record(ticket_id, actor_id, diff, from_status=current, agent=agent or holder, at=now)
+    transaction.on_commit(
+        lambda: obs.log_event(
+            f"ticket {kind} by admin", ticket_id=ticket_id, actor_id=actor_id, changes=diff
+        )
+    )
     return ticket_rows(tickets_with_holder().filter(pk=ticket_id)).get()
 
 
@@ -455,20 +483,22 @@ def _event_kind(diff: dict) -> str:
     return Kind.EDITED
 
 
-def _record(ticket_id, actor_id, diff, *, from_status, agent, at) -> None:
+def _record(ticket_id, actor_id, diff, *, from_status, agent, at) -> str:
     if "priority" in diff:
         diff["priority"] = [Ticket.Priority(rank).label for rank in diff["priority"]]
     to_status = diff["status"][1] if "status" in diff else from_status
+    kind = _event_kind(diff)
     TicketEvent.objects.create(
         ticket_id=ticket_id,
         at=at,
         actor_id=actor_id,
-        kind=_event_kind(diff),
+        kind=kind,
         from_status=from_status,
         to_status=to_status,
         agent_id=agent,
         changes=diff,
     )
+    return kind
 
 
 def ticket_delete(*, ticket_id: int, actor_id: int) -> None:

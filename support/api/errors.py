@@ -2,6 +2,11 @@
 
 import logging
 
+try:
+    from psycopg.errors import LockNotAvailable
+except ImportError:  # SQLite-only installs
+    LockNotAvailable = type("LockNotAvailable", (Exception,), {})
+
 from django.core.exceptions import RequestDataTooBig
 from django.db import DataError, IntegrityError, OperationalError
 from rest_framework import exceptions, status
@@ -9,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from support import services
+from support.observability import LOCK_TIMEOUTS
 
 log = logging.getLogger("support.api")
 
@@ -37,6 +43,8 @@ def exception_handler(exc, context):
             {"detail": "Request body too large."}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
         )
     elif isinstance(exc, OperationalError):
+        if isinstance(exc.__cause__, LockNotAvailable):
+            LOCK_TIMEOUTS.inc()
         log.warning("database unavailable: %s", exc)
         return database_unavailable_response()
     elif isinstance(exc, DataError):
