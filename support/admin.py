@@ -452,6 +452,17 @@ class UserAdmin(DjangoUserAdmin):
     def assigned_count(self, obj):
         return obj._assigned_count if obj._is_agent else None
 
+    def save_related(self, request, form, formsets, change):
+        was_agent = (
+            change and form.instance.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
+        )
+        super().save_related(request, form, formsets, change)
+        still_agent = form.instance.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
+        if was_agent and not still_agent:
+            # Leaving the agents group: the tickets it holds in assigned go back to the pool,
+            # in this page's transaction (a fetch racing it waits on the row lock, then is 403).
+            services.agent_release_tickets(agent_id=form.instance.pk, actor_id=request.user.pk)
+
     def save_model(self, request, obj, form, change):
         deactivating = change and "is_active" in form.changed_data and not obj.is_active
         if deactivating and obj.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists():

@@ -553,32 +553,45 @@ def agent_deactivate(*, agent_id: int, actor_id: int) -> None:
         if agent_id not in locked or not locked[agent_id].is_agent:
             raise NotFound("No agent matches the given query.")
         User.objects.filter(pk=agent_id).update(is_active=False)
-        released = list(
-            Ticket.objects.select_for_update(no_key=True, of=("self",))
-            .filter(
-                status=Status.ASSIGNED,
-                assignments__agent_id=agent_id,
-                assignments__is_active=True,
-            )
-            .values_list("pk", flat=True)
-        )
-        if released:
-            now = timezone.now()
-            TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(
-                is_active=False
-            )
-            Ticket.objects.filter(pk__in=released).update(status=Status.OPEN, updated_at=now)
-            TicketEvent.objects.bulk_create(
-                TicketEvent(
-                    ticket_id=pk,
-                    at=now,
-                    actor_id=actor_id,
-                    kind=Kind.RELEASED,
-                    from_status=Status.ASSIGNED,
-                    to_status=Status.OPEN,
-                    agent_id=agent_id,
-                    changes={"assigned_to": [agent_id, None], "status": ["assigned", "open"]},
-                )
-                for pk in released
-            )
+        _release_assigned(agent_id, actor_id)
         Token.objects.filter(user_id=agent_id).delete()
+
+
+def agent_release_tickets(*, agent_id: int, actor_id: int) -> list[int]:
+    """Return every ticket the user holds in status assigned to the pool (for a user that is
+    losing its agent role). Locks the user row, then the tickets; returns the released ids."""
+    with transaction.atomic():
+        _lock_users([agent_id])
+        return _release_assigned(agent_id, actor_id)
+
+
+def _release_assigned(agent_id: int, actor_id: int) -> list[int]:
+    """Under the agent's row lock: its assigned tickets back to the pool, with their events."""
+    released = list(
+        Ticket.objects.select_for_update(no_key=True, of=("self",))
+        .filter(
+            status=Status.ASSIGNED,
+            assignments__agent_id=agent_id,
+            assignments__is_active=True,
+        )
+        .values_list("pk", flat=True)
+    )
+    if not released:
+        return released
+    now = timezone.now()
+    TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(is_active=False)
+    Ticket.objects.filter(pk__in=released).update(status=Status.OPEN, updated_at=now)
+    TicketEvent.objects.bulk_create(
+        TicketEvent(
+            ticket_id=pk,
+            at=now,
+            actor_id=actor_id,
+            kind=Kind.RELEASED,
+            from_status=Status.ASSIGNED,
+            to_status=Status.OPEN,
+            agent_id=agent_id,
+            changes={"assigned_to": [agent_id, None], "status": ["assigned", "open"]},
+        )
+        for pk in released
+    )
+    return released

@@ -564,6 +564,27 @@ def test_unticking_active_on_an_agent_returns_its_tickets_to_the_pool(site, boss
 
 
 @pytest.mark.django_db
+def test_removing_a_user_from_the_agents_group_returns_its_tickets_to_the_pool(site, boss, agent):
+    held = new_ticket(boss, "held")
+    done = new_ticket(boss, "done")
+    for pk in (held, done):
+        assign(pk, agent, boss)
+    services.ticket_transition_by_agent(agent_id=agent.pk, ticket_id=done, to_status="resolved")
+
+    url = f"{USERS}{agent.pk}/change/"
+    data = form_data(site, url, "user_form")
+    data["groups"] = []
+    assert site.post(url, data).status_code == 302
+    agent.refresh_from_db()
+    assert agent.is_active
+    assert not agent.groups.filter(name="agents").exists()
+    assert (holder(held), Ticket.objects.get(pk=held).status) == (None, "open")
+    assert events(held)[-1] == ("released", boss.pk, agent.pk)
+    assert holder(done) == agent.pk  # resolved keeps its record
+    assert_invariants()
+
+
+@pytest.mark.django_db
 def test_editing_an_agent_without_deactivating_it_keeps_its_tickets(site, boss, agent):
     pk = new_ticket(boss)
     assign(pk, agent, boss)
