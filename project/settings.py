@@ -31,7 +31,6 @@ INSTALLED_APPS = [
     "servestatic",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -144,6 +143,28 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "support.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_CLASSES": ["support.api.throttles.UserRateThrottle"],
+    # The client address is REMOTE_ADDR, which uvicorn sets from the trusted proxy only.
+    "NUM_PROXIES": 0,
+}
+
+# Tokens expire this long after login; POST /api/auth/logout/ revokes one sooner.
+SUPPORT_TOKEN_TTL_SECONDS = env_int("SUPPORT_TOKEN_TTL_SECONDS", 7 * 24 * 3600, minimum=60)
+# DRF rate strings ("10/min", "1000/hour"); empty or unset per-user rate: no limit.
+SUPPORT_THROTTLE_RATES = {
+    "login_username": env_str("SUPPORT_LOGIN_RATE_PER_USERNAME", "10/min") or None,
+    # per address: a team behind one NAT logs in at the start of a shift
+    "login_address": env_str("SUPPORT_LOGIN_RATE_PER_ADDRESS", "120/min") or None,
+    "user": env_str("SUPPORT_USER_RATE", "") or None,
+}
+
+# Throttle counters (and any other cache use) in a database table: shared by every worker
+# process. Migration 0005 creates the table, so `migrate` is the only setup step.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "support_cache",
+    }
 }
 
 SPECTACULAR_SETTINGS = {

@@ -131,3 +131,21 @@ class TicketEvent(models.Model):
 
     def __str__(self) -> str:
         return f"ticket {self.ticket_id}: {self.kind} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class ApiToken(models.Model):
+    """An API token. Only the SHA-256 of its key is stored: the key is shown once, at login.
+
+    Keys are 160 random bits, so a fast hash is enough (nothing to brute-force); a database
+    leak yields no usable token.
+    """
+
+    key_hash = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"token of user {self.user_id}, expires {self.expires_at:%Y-%m-%d %H:%M}"

@@ -26,10 +26,9 @@ from django.contrib.auth.models import Group
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Exists, F, FilteredRelation, OuterRef, Q, QuerySet
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from support import observability as obs
-from support.models import Ticket, TicketAssignment, TicketEvent
+from support.models import ApiToken, Ticket, TicketAssignment, TicketEvent
 
 User = get_user_model()
 Status = Ticket.Status
@@ -554,7 +553,7 @@ def agent_deactivate(*, agent_id: int, actor_id: int) -> None:
             raise NotFound("No agent matches the given query.")
         User.objects.filter(pk=agent_id).update(is_active=False)
         _release_assigned(agent_id, actor_id)
-        Token.objects.filter(user_id=agent_id).delete()
+        ApiToken.objects.filter(user_id=agent_id).delete()
 
 
 def agent_release_tickets(*, agent_id: int, actor_id: int) -> list[int]:

@@ -6,10 +6,10 @@ import httpx
 import pytest
 from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
-from rest_framework.authtoken.models import Token
 
 from support import services
 from support.models import Ticket
+from support.tokens import token_issue
 
 _names = itertools.count(1)
 
@@ -57,13 +57,16 @@ async def run_sync(fn, /, *args, **kwargs):
     return await sync_to_async(call)()
 
 
-def create_user(*, staff: bool = False, agent: bool = False, password: str = "pw-for-tests-1"):
+PASSWORD = "pw-for-tests-1"  # create_user's default
+
+
+def create_user(*, staff: bool = False, agent: bool = False, password: str = PASSWORD):
     user = services.User.objects.create_user(
         username=f"user{next(_names)}", password=password, is_staff=staff
     )
     if agent:
         user.groups.add(services.agents_group())
-    user.token = Token.objects.create(user=user).key
+    user.token = token_issue(user_id=user.pk)
     return user
 
 
@@ -96,6 +99,20 @@ def admin_client(admin, make_client):
 @pytest.fixture
 def agent_client(agent, make_client):
     return make_client(agent.token)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(request):
+    """Throttle counters live in the database cache, which test flushes leave alone: start each
+    database test (and the servers it starts) with none."""
+    if request.node.get_closest_marker("django_db") is None:
+        yield
+        return
+    from django.core.cache import cache
+
+    with request.getfixturevalue("django_db_blocker").unblock():
+        cache.clear()
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,9 +23,9 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
-from rest_framework.authtoken.models import Token
 
 from support import services
+from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment, TicketEvent
 from tests.conftest import create_user
 from tests.invariants import assert_invariants

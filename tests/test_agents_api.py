@@ -1,9 +1,9 @@
 """The agents API: list with load, create (validated), deactivate (releases tickets)."""
 
 import pytest
-from rest_framework.authtoken.models import Token
 
 from support import services
+from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
 from tests.conftest import create_tickets, create_user, run_sync
 

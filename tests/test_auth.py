@@ -2,18 +2,22 @@
 matrix over every API route, admins who are also agents, and session auth for the browsable API.
 """
 
+import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 import pytest
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from support import services
 from support.api.urls import urlpatterns
+from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
+from support.tokens import key_hash, token_issue
 from tests.conftest import create_tickets, create_user, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,27 +55,21 @@ def allowed_methods(pattern) -> list[str]:
 
 # --- POST /api/auth/token/ --------------------------------------------------------------------
 @pytest.mark.smoke
-async def test_token_login_answers_the_users_own_token(make_client, agent):
-    response = await make_client().post(
-        TOKEN_URL, json={"username": agent.username, "password": PASSWORD}
-    )
-    assert response.status_code == 200, response.text
-    assert response.json() == {"token": agent.token}
-
-
-async def test_token_login_creates_a_token_once_for_a_user_without_one(make_client, admin):
-    await run_sync(Token.objects.filter(user=admin).delete)
+async def test_token_login_issues_a_new_working_token_stored_only_as_a_hash(make_client, agent):
     client = make_client()
-    body = {"username": admin.username, "password": PASSWORD}
+    body = {"username": agent.username, "password": PASSWORD}
     first = await client.post(TOKEN_URL, json=body)
     second = await client.post(TOKEN_URL, json=body)
     assert first.status_code == second.status_code == 200
-    key = first.json()["token"]
-    assert second.json()["token"] == key
-    assert await run_sync(lambda: list(Token.objects.filter(user=admin).values_list("key"))) == [
-        (key,)
-    ]
-    assert (await make_client(key).get("/api/tickets/")).status_code == 200
+    keys = [first.json()["token"], second.json()["token"]]
+    assert set(first.json()) == {"token"}
+    assert keys[0] != keys[1] != agent.token  # one token per login: several sessions at once
+    stored = await run_sync(lambda: list(Token.objects.values_list("key_hash", flat=True)))
+    for key in keys:
+        assert re.fullmatch(r"[0-9a-f]{40}", key)
+        assert key not in stored  # never the key itself
+        assert hashlib.sha256(key.encode()).hexdigest() in stored
+        assert (await make_client(key).get("/api/agent/tickets/")).status_code == 200
 
 
 async def test_token_login_ignores_a_stale_token_header(make_client, admin):
@@ -79,7 +77,7 @@ async def test_token_login_ignores_a_stale_token_header(make_client, admin):
         TOKEN_URL, json={"username": admin.username, "password": PASSWORD}
     )
     assert response.status_code == 200, response.text
-    assert response.json() == {"token": admin.token}
+    assert (await make_client(response.json()["token"]).get("/api/tickets/")).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -192,6 +190,7 @@ ROUTE_ROLE = {
     "agent-tickets": "agent",
     # admins, and the agent that holds the ticket; another agent is told 404, as for a move
     "ticket-history": "admin or holder",
+    "auth-logout": "any user",
 }
 
 
@@ -251,6 +250,8 @@ RIGHT_ROLE_CALLS: dict[tuple[str, str], tuple[Body, int]] = {
     ("ticket-history", "GET"): (None, 200),
     ("ticket-history", "HEAD"): (None, 200),
     ("ticket-history", "OPTIONS"): (None, 200),
+    ("auth-logout", "POST"): (None, 204),
+    ("auth-logout", "OPTIONS"): (None, 200),
 }
 
 ROUTES = [
@@ -285,21 +286,43 @@ def test_every_api_route_is_in_the_role_matrix():
     assert {method for _, method in pairs} >= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
 
 
+def _dead_credentials(world) -> dict[str, str]:
+    """Tokens that must all answer 401: unknown, expired, revoked, a deactivated agent's."""
+    expired = token_issue(user_id=world.admin.pk)
+    Token.objects.filter(key_hash=key_hash(expired)).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    revoked = token_issue(user_id=world.admin.pk)
+    Token.objects.filter(key_hash=key_hash(revoked)).delete()
+    gone = create_user(agent=True)
+    type(gone).objects.filter(pk=gone.pk).update(is_active=False)
+    return {"bad": UNKNOWN_KEY, "expired": expired, "revoked": revoked, "deactivated": gone.token}
+
+
 @pytest.mark.parametrize(("pattern", "method"), ROUTES)
 async def test_route_admits_only_its_role(make_client, world, pattern, method):
-    """Anonymous: 401 with the Token challenge. Authenticated with the wrong role (the other
-    role, or no role at all): 403. Neither changes any data. The right role gets its success."""
+    """Anonymous, and bad, expired, revoked or deactivated users' tokens: 401 with the Token
+    challenge. Authenticated with the wrong role (the other role, or no role at all): 403.
+    Another agent on a ticket's history: 404. None of these changes any data. The right role
+    (admin, agent, another agent where any agent will do) gets its success."""
     nobody = await run_sync(create_user)  # authenticated, neither admin nor agent
+    dead = await run_sync(_dead_credentials, world)
     role = ROUTE_ROLE[pattern.name]
     if role == "admin":
-        rights, wrongs = [world.admin], [world.agent, nobody]
+        rights, wrongs = [world.admin], [world.agent, world.spare_agent, nobody]
     elif role == "agent":
         rights, wrongs = [world.agent], [world.admin, nobody]
+    elif role == "any user":
+        rights, wrongs = [world.admin, world.agent, nobody], []
     else:
         rights, wrongs = [world.admin, world.agent], [nobody]
     before = await run_sync(db_state)
 
     assert_401(await call(make_client(), world, pattern, method))
+    for kind, key in dead.items():
+        response = await call(make_client(key), world, pattern, method)
+        assert response.status_code == 401, (kind, response.text)
+        assert response.headers.get("WWW-Authenticate") == "Token", kind
     for user in wrongs:
         response = await call(make_client(user.token), world, pattern, method)
         assert response.status_code == 403, (user.username, response.text)
@@ -309,6 +332,11 @@ async def test_route_admits_only_its_role(make_client, world, pattern, method):
         response = await call(make_client(world.spare_agent.token), world, pattern, method)
         assert response.status_code == 404, response.text
     assert await run_sync(db_state) == before
+
+    if role == "agent" and method in ("GET", "POST"):
+        # another agent: served as an agent, but the held ticket is not its own
+        response = await call(make_client(world.spare_agent.token), world, pattern, method)
+        assert response.status_code == (200 if method == "GET" else 404), response.text
 
     _, expected = RIGHT_ROLE_CALLS[(pattern.name, method)]
     for user in rights:

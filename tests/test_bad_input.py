@@ -15,9 +15,9 @@ import httpx
 import pytest
 from django.conf import settings
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from support import services
+from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
 from tests.conftest import create_tickets, run_sync
 

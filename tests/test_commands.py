@@ -6,10 +6,11 @@ import pytest
 from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from rest_framework.authtoken.models import Token
 
 from support import services
+from support.models import ApiToken as Token
 from support.models import Ticket
+from support.tokens import key_hash
 from tests.conftest import create_user, run_sync
 
 User = services.User
@@ -222,16 +223,19 @@ def test_seed_demo_creates_an_admin_three_agents_and_40_tickets():
     for _, name, password, token in rows:
         user = User.objects.get(username=name)
         assert user.check_password(password)
-        assert Token.objects.get(user=user).key == token
+        assert Token.objects.get(user=user).key_hash == key_hash(token)  # stored hashed only
 
 
 @pytest.mark.django_db
-def test_seed_demo_run_twice_keeps_the_counts_and_tokens():
+def test_seed_demo_run_twice_keeps_the_counts_and_replaces_the_tokens():
     first = run_seed_demo()
     counts = demo_counts()
     second = run_seed_demo()
     assert demo_counts() == counts
-    assert [row[3] for row in second] == [row[3] for row in first]  # same tokens
+    # hashed tokens cannot be printed again: each run replaces them
+    assert {row[3] for row in second}.isdisjoint(row[3] for row in first)
+    stored = set(Token.objects.values_list("key_hash", flat=True))
+    assert stored == {key_hash(row[3]) for row in second}
     for (_, name, old_password, _), (_, _, new_password, _) in zip(first, second, strict=True):
         user = User.objects.get(username=name)
         assert user.check_password(new_password)  # the printed password is the current one
@@ -263,4 +267,4 @@ async def test_seed_demo_prints_tokens_and_passwords_that_authenticate(make_clie
             "/api/auth/token/", json={"username": name, "password": password}
         )
         assert login.status_code == 200, (name, login.text)
-        assert login.json() == {"token": token}
+        assert login.json()["token"] != token  # every login issues a new token

@@ -89,7 +89,8 @@ def test_status_and_priority_are_enums_and_tokens_are_the_security_scheme(schema
 @pytest.mark.parametrize(
     ("path", "method", "codes"),
     [
-        ("/api/auth/token/", "post", {"200", "400", "413", "415", "503"}),
+        ("/api/auth/token/", "post", {"200", "400", "413", "415", "429", "503"}),
+        ("/api/auth/logout/", "post", {"204", "401", "503"}),
         ("/api/tickets/", "get", {"200", "400", "401", "403", "404", "503"}),
         ("/api/tickets/", "post", {"201", "400", "401", "403", "413", "415", "503"}),
         ("/api/tickets/{id}/", "get", {"200", "401", "403", "404", "503"}),

@@ -1,15 +1,18 @@
 """Token authentication and the two role permissions (no view here: DRF imports this early)."""
 
 from django.conf import settings
+from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
-from rest_framework.authtoken.models import Token
 
+from support.models import ApiToken
 from support.services import is_agent_expr
+from support.tokens import key_hash
 
 
 class TokenAuthentication(authentication.TokenAuthentication):
-    """DRF's token authentication, reading the user's agent role in the same query.
+    """DRF's ``Authorization: Token <key>`` scheme over hashed, expiring tokens.
 
+    One query finds the token by its key's hash, with its user and the user's agent role.
     adrf runs authentication and permissions together in one worker thread
     (``APIView.initial`` under ``sync_to_async``), so this stays a plain sync authenticator.
     """
@@ -19,13 +22,15 @@ class TokenAuthentication(authentication.TokenAuthentication):
             # Keys are hex; anything else cannot match, and a NUL would be refused by PostgreSQL.
             raise exceptions.AuthenticationFailed("Invalid token.")
         token = (
-            Token.objects.select_related("user")
+            ApiToken.objects.select_related("user")
             .annotate(is_agent=is_agent_expr("user_id"))
-            .filter(key=key)
+            .filter(key_hash=key_hash(key))
             .first()
         )
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid token.")
+        if token.expires_at <= timezone.now():
+            raise exceptions.AuthenticationFailed("Token expired; log in again.")
         if not token.user.is_active:
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
         token.user.is_agent = token.is_agent

@@ -1,36 +1,41 @@
-"""The login endpoint: username and password in, API token out."""
+"""Log in (username and password in, a new API token out) and log out (the token revoked)."""
 
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.contrib.auth import authenticate
 from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import exceptions, permissions, serializers
-from rest_framework.authtoken.models import Token
+from rest_framework import exceptions, permissions, serializers, status
 from rest_framework.response import Response
 
 from support.api.schema import answers, body_errors
 from support.api.serializers import TokenRequestSerializer
+from support.api.throttles import LoginByAddressThrottle, LoginByUsernameThrottle
+from support.models import ApiToken
+from support.tokens import token_issue, token_revoke
 
 
 def _login(username: str, password: str) -> str | None:
     user = authenticate(username=username, password=password)
     if user is None:
         return None
-    token, _ = Token.objects.get_or_create(user=user)
-    return token.key
+    return token_issue(user_id=user.pk)
 
 
 class ObtainTokenView(APIView):
-    """POST {username, password} -> {token}. Wrong credentials answer 400, as DRF's does."""
+    """POST {username, password} -> {token}: a new token on every login, valid for
+    SUPPORT_TOKEN_TTL_SECONDS. Wrong credentials answer 400, as DRF's does; too many attempts
+    for one username or from one address answer 429 with Retry-After."""
 
     authentication_classes = []
     permission_classes = [permissions.AllowAny]
+    throttle_classes = [LoginByUsernameThrottle, LoginByAddressThrottle]
 
     @extend_schema(
         operation_id="auth_token",
         request=TokenRequestSerializer,
         responses=answers(
             {200: inline_serializer("Token", {"token": serializers.CharField()})},
+            429,
             *body_errors(),
             field_errors=True,
         ),
@@ -44,3 +49,13 @@ class ObtainTokenView(APIView):
                 {"non_field_errors": ["Unable to log in with provided credentials."]}
             )
         return Response({"token": key})
+
+
+class LogoutView(APIView):
+    """POST: revoke the token this request was made with (other tokens stay valid)."""
+
+    @extend_schema(operation_id="auth_logout", request=None, responses=answers({204: None}, 401))
+    async def post(self, request):
+        if isinstance(request.auth, ApiToken):
+            await sync_to_async(token_revoke)(token_id=request.auth.pk)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -34,6 +34,7 @@ _ERRORS = {
     409: "A rule forbids this change now; `detail` says which.",
     413: "Request body over the configured limit (1 MiB by default).",
     415: "The body is not JSON.",
+    429: "Too many requests (with `Retry-After`, in seconds).",
     503: "The database is unavailable or a lock wait timed out (with `Retry-After`).",
 }
 

@@ -19,6 +19,7 @@ register_converter(IdConverter, "id")
 
 urlpatterns = [
     path("auth/token/", login.ObtainTokenView.as_view(), name="auth-token"),
+    path("auth/logout/", login.LogoutView.as_view(), name="auth-logout"),
     path("tickets/", admin.TicketListView.as_view(), name="ticket-list"),
     path("tickets/<id:pk>/", admin.TicketDetailView.as_view(), name="ticket-detail"),
     path("tickets/<id:pk>/history/", admin.TicketHistoryView.as_view(), name="ticket-history"),

@@ -3,10 +3,10 @@ import secrets
 
 from django.core.management.base import BaseCommand
 from django.db import transaction
-from rest_framework.authtoken.models import Token
 
 from support import services
 from support.models import Ticket
+from support.tokens import token_issue, tokens_revoke_all
 
 AGENTS = ("alice", "bob", "carol")
 TITLES = (
@@ -23,6 +23,7 @@ TITLES = (
 
 class Command(BaseCommand):
     help = "Create demo data (an admin, three agents, tickets) and print fresh credentials."
+    # Each run resets the demo users' passwords and replaces their tokens.
 
     def add_arguments(self, parser):
         parser.add_argument("--tickets", type=int, default=40)
@@ -46,9 +47,11 @@ class Command(BaseCommand):
             user.set_password(password)
             user.is_active = True
             user.save()
-            token, _ = Token.objects.get_or_create(user=user)
+            # Tokens are stored hashed: the old ones cannot be printed, so they are replaced.
+            tokens_revoke_all(user_id=user.pk)
+            token = token_issue(user_id=user.pk)
             role = "admin" if user.is_staff else "agent"
-            credentials.append((role, user.username, password, token.key))
+            credentials.append((role, user.username, password, token))
 
         missing = tickets - Ticket.objects.count()
         rng = random.Random(7)
