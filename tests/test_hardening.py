@@ -113,3 +113,31 @@ async def test_per_user_request_rate_is_configurable(make_client, agent, other_a
         codes = [(await client.get("/api/agent/tickets/")).status_code for _ in range(6)]
         assert codes == [200] * 5 + [429]
         assert (await make_client(other_agent.token).get("/api/agent/tickets/")).status_code == 200
+
+
+def test_login_limit_holds_across_two_worker_processes(admin, tmp_path):
+    """With per-process counters two workers would let through twice the limit."""
+    import httpx
+
+    from tests.servers import run_uvicorn
+
+    metrics = tmp_path / "metrics"  # each worker leaves a file here: proof both served
+    metrics.mkdir()
+    env = {
+        "SUPPORT_LOGIN_RATE_PER_USERNAME": "4/min",
+        "SUPPORT_LOGIN_RATE_PER_ADDRESS": "1000/min",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+    }
+    with run_uvicorn(workers=2, env=env) as server:
+        codes = [
+            # a new connection each time, so both workers take attempts
+            httpx.post(
+                f"{server.base_url}{TOKEN_URL}",
+                json={"username": admin.username, "password": "wrong-password"},
+                timeout=10,
+            ).status_code
+            for _ in range(30)
+        ]
+    assert codes == [400] * 4 + [429] * 26
+    writers = {path.name.rsplit("_", 1)[-1] for path in metrics.iterdir()}
+    assert len(writers) >= 2, f"one worker took every attempt: {writers}"
