@@ -44,7 +44,8 @@ def answers(ok: dict, *codes: int, field_errors: bool = False) -> dict:
     responses = dict(ok)
     if field_errors:
         responses[400] = FIELD_ERRORS
-    for code in (*codes, 503):
+    # 429: the per-user rate (SUPPORT_USER_RATE) may apply anywhere; 503: the database.
+    for code in sorted({*codes, 429, 503}):
         responses[code] = OpenApiResponse(ErrorSerializer, description=_ERRORS[code])
     return responses
 

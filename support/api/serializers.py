@@ -130,7 +130,7 @@ class AgentTransitionSerializer(serializers.Serializer):
 class AgentSerializer(serializers.Serializer):
     id = serializers.IntegerField(read_only=True)
     username = serializers.CharField(read_only=True)
-    email = serializers.EmailField(read_only=True)
+    email = serializers.CharField(read_only=True, help_text="An email address, or empty.")
     is_active = serializers.BooleanField(read_only=True)
     assigned_count = serializers.IntegerField(read_only=True)
 
