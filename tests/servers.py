@@ -79,14 +79,19 @@ def release_test_connections() -> None:
 
 APP_SESSIONS = """
     SELECT pid, state, wait_event_type, wait_event, query, client_port, backend_xid::text AS xid
-    FROM pg_stat_activity WHERE application_name = %s AND datname = %s
+    FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()
 """
 
 
 def app_sessions(conn) -> list[dict]:
-    """The app's sessions on the test database, seen from a plain psycopg connection."""
+    """The app's sessions on the database ``conn`` is connected to (the test database, from
+    :func:`psycopg_conninfo`).
+
+    Inside a transaction PostgreSQL shows the activity it saw at the transaction's first look;
+    the snapshot is cleared first, so a connection holding a lock sees the present too."""
     with conn.cursor() as cursor:
-        cursor.execute(APP_SESSIONS, (APP_NAME, connection.settings_dict["NAME"]))
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(APP_SESSIONS, (APP_NAME,))
         columns = [column.name for column in cursor.description]
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
@@ -142,6 +147,12 @@ class Server:
         """The uvicorn worker processes: the server's children started by multiprocessing's
         spawn (not its resource tracker)."""
         return [pid for pid in children(self.pid) if b"spawn_main" in _read(f"/proc/{pid}/cmdline")]
+
+    def sessions(self, conn) -> list[dict]:
+        """The app's database sessions opened by this server's processes (not by the test
+        process, whose connections carry the same application_name)."""
+        pids = self.worker_pids() or [self.pid]
+        return [s for s in app_sessions(conn) if tcp_port_owner(s["client_port"], pids)]
 
     def wait_for_workers(self, count: int, timeout: float = STARTUP_TIMEOUT) -> list[int]:
         deadline = time.monotonic() + timeout
