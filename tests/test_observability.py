@@ -6,21 +6,19 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from django.db import connection
 from django.test import override_settings
 
 from support.observability import RequestIdFilter
 from tests.conftest import create_tickets, run_sync
+from tests.servers import run_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,70 +244,13 @@ async def test_who_may_read_metrics_is_configurable(make_client, admin_client, a
         assert (await admin_client.get("/metrics")).status_code == 403  # only the token
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _database_url() -> str:
-    s = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{s['NAME']}"
-    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-
-
 def test_metrics_add_up_across_two_uvicorn_workers():
     """Requests spread over two worker processes; every scrape, whichever worker answers it,
     counts all of them (prometheus-client's multiprocess mode)."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as metrics_dir, tempfile.TemporaryFile() as server_log:
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "project.settings",
-            "DJANGO_DEBUG": "0",
-            "DJANGO_SECRET_KEY": "k" * 50,
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
-            "DJANGO_SECURE_SSL_REDIRECT": "0",
-            "DATABASE_URL": _database_url(),
-            "DB_POOL_MIN_SIZE": "0",
-            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-            "METRICS_PUBLIC": "1",
-        }
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-                "--lifespan",
-                "off",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    server_log.seek(0)
-                    pytest.fail("uvicorn did not start:\n" + server_log.read().decode())
-                time.sleep(0.2)
+    with tempfile.TemporaryDirectory() as metrics_dir:
+        env = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir, "METRICS_PUBLIC": "1"}
+        with run_uvicorn(workers=2, env=env) as server:
+            base = server.base_url
             sent = 60
             for _ in range(sent):  # a new connection each time: both workers take some
                 assert httpx.get(f"{base}/api/tickets/", timeout=5).status_code == 401
@@ -321,10 +262,3 @@ def test_metrics_add_up_across_two_uvicorn_workers():
                     text, "support_http_requests_total", route="/api/tickets/", status="401"
                 )
                 assert counted == sent
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=5)
