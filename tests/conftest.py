@@ -8,7 +8,7 @@ from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
 
 from support import services
-from support.models import Ticket
+from support.models import ApiToken, Ticket, TicketAssignment, TicketEvent
 from support.tokens import token_issue
 
 _names = itertools.count(1)
@@ -39,6 +39,19 @@ def make_client(asgi_app):
     yield make
     # The clients hold no sockets (ASGITransport); nothing to close beyond dropping them.
     clients.clear()
+
+
+def db_state() -> dict:
+    """Every row a refused request could touch, in a comparable form."""
+    User = services.User
+    return {
+        "tickets": list(Ticket.objects.order_by("pk").values()),
+        "assignments": list(TicketAssignment.objects.order_by("pk").values()),
+        "events": list(TicketEvent.objects.order_by("pk").values()),
+        "users": list(User.objects.order_by("pk").values()),
+        "memberships": list(User.groups.through.objects.order_by("pk").values()),
+        "tokens": list(ApiToken.objects.order_by("pk").values()),
+    }
 
 
 async def run_sync(fn, /, *args, **kwargs):

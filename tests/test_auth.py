@@ -18,25 +18,12 @@ from support.api.urls import urlpatterns
 from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
 from support.tokens import key_hash, token_issue
-from tests.conftest import create_tickets, create_user, run_sync
+from tests.conftest import PASSWORD, create_tickets, create_user, db_state, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PASSWORD = "pw-for-tests-1"  # create_user's default
 TOKEN_URL = "/api/auth/token/"
 UNKNOWN_KEY = "0123456789abcdef0123456789abcdef01234567"
-
-
-def db_state() -> dict:
-    """Every row a refused request could touch, in a comparable form."""
-    User = services.User
-    return {
-        "tickets": list(Ticket.objects.order_by("pk").values()),
-        "assignments": list(TicketAssignment.objects.order_by("pk").values()),
-        "users": list(User.objects.order_by("pk").values()),
-        "memberships": list(User.groups.through.objects.order_by("pk").values()),
-        "tokens": list(Token.objects.order_by("pk").values()),
-    }
 
 
 def assert_401(response: httpx.Response) -> None:

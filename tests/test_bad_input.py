@@ -16,26 +16,12 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from support import services
-from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
-from tests.conftest import create_tickets, run_sync
+from tests.conftest import create_tickets, db_state, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 GOOD_PASSWORD = "A-long-enough-Passw0rd"
-
-
-def db_state() -> dict:
-    """Every row a refused request could touch, in a comparable form."""
-    User = services.User
-    return {
-        "tickets": list(Ticket.objects.order_by("pk").values()),
-        "assignments": list(TicketAssignment.objects.order_by("pk").values()),
-        "users": list(User.objects.order_by("pk").values()),
-        "memberships": list(User.groups.through.objects.order_by("pk").values()),
-        "tokens": list(Token.objects.order_by("pk").values()),
-    }
 
 
 @pytest.fixture(autouse=True)
