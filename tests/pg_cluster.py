@@ -25,7 +25,7 @@ def _find_bin(name: str) -> str:
     raise RuntimeError(f"{name} not found: install PostgreSQL server binaries (README: Tests)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -67,7 +67,7 @@ def start_cluster() -> Cluster:
     root = tempfile.mkdtemp(prefix="support-pg-")
     datadir = os.path.join(root, "data")
     os.mkdir(datadir)
-    cluster = Cluster(datadir=datadir, port=_free_port())
+    cluster = Cluster(datadir=datadir, port=free_port())
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(datadir, "postgres")

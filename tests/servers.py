@@ -11,7 +11,6 @@ process group (the server and the workers it started).
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,12 @@ import httpx
 from asgiref.sync import SyncToAsync
 from django.db import connection, connections
 
+from tests.pg_cluster import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 APP_NAME = "support-tickets"  # the application_name the app's connections carry
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def database_url() -> str:

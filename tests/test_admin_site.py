@@ -8,13 +8,11 @@ Chromium (Playwright) against uvicorn in a subprocess, keeping a screenshot of e
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -29,6 +27,7 @@ from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment, TicketEvent
 from tests.conftest import create_user
 from tests.invariants import assert_invariants
+from tests.servers import database_url, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "admin-site"
@@ -627,25 +626,10 @@ SERVER_CAP = 2
 PASSWORD = "a-browser-passphrase-7"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _database_url() -> str:
-    """The test database, as DATABASE_URL for the server process."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    user, password = quote(db["USER"], safe=""), quote(db["PASSWORD"] or "", safe="")
-    return f"postgres://{user}:{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
 @pytest.fixture
 def server(transactional_db):
     """uvicorn serving the project on the test database, with the cap at SERVER_CAP."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
@@ -653,7 +637,7 @@ def server(transactional_db):
         "DJANGO_SECRET_KEY": "browser-test-secret-key-0123456789-abcdefghijklmnop",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
         "DJANGO_SECURE_SSL_REDIRECT": "0",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
         "SUPPORT_AGENT_MAX_TICKETS": str(SERVER_CAP),
         "DB_POOL_MIN_SIZE": "0",
         "DB_POOL_MAX_SIZE": "4",

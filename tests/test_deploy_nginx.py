@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -39,6 +38,7 @@ from django.db import connection
 from support.models import Ticket
 from tests.conftest import create_user
 from tests.invariants import assert_invariants
+from tests.servers import database_url, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = REPO / "deploy" / "nginx.conf"
@@ -71,12 +71,6 @@ def uvicorn_args(socket_path: str) -> list[str]:
         "--proxy-headers",
         "--forwarded-allow-ips=*",
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _substitute(text: str, replacements: dict[str, str]) -> str:
@@ -187,10 +181,8 @@ def _accepts(path: str) -> bool:
 
 
 def _database_url() -> str:
-    db = connection.settings_dict
-    assert db["ENGINE"] == "django.db.backends.postgresql", "the deployment test needs PostgreSQL"
-    user, password = quote(db["USER"], safe=""), quote(db["PASSWORD"], safe="")
-    return f"postgres://{user}:{password}@{db['HOST']}:{db['PORT']}/{quote(db['NAME'])}"
+    assert connection.vendor == "postgresql", "the deployment test needs PostgreSQL"
+    return database_url()
 
 
 def _make_certificate(tmp: Path) -> Path:
@@ -286,10 +278,10 @@ def stack(django_db_setup, tmp_path_factory) -> Iterator[Stack]:
     stack = Stack(
         tmp=tmp,
         socket=str(tmp / "uvicorn.sock"),
-        plain_port=_free_port(),
-        tls_port=_free_port(),
-        redirect_port=_free_port(),
-        direct_port=_free_port(),
+        plain_port=free_port(),
+        tls_port=free_port(),
+        redirect_port=free_port(),
+        direct_port=free_port(),
         tls=tls,
         processes={},
     )
