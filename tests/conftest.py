@@ -70,6 +70,20 @@ async def run_sync(fn, /, *args, **kwargs):
     return await sync_to_async(call)()
 
 
+# The fields of a ticket as the API shows it (issue contract).
+TICKET_KEYS = {
+    "id",
+    "title",
+    "description",
+    "status",
+    "priority",
+    "created_by",
+    "assigned_to",
+    "assigned_at",
+    "created_at",
+    "updated_at",
+}
+
 PASSWORD = "pw-for-tests-1"  # create_user's default
 
 

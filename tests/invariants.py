@@ -60,6 +60,15 @@ def history_violations() -> list[str]:
     return problems
 
 
+def held_ticket_ids(agent_id: int) -> set[int]:
+    """The tickets the agent holds in status assigned, per the committed data."""
+    return set(
+        TicketAssignment.objects.filter(
+            agent_id=agent_id, is_active=True, ticket__status="assigned"
+        ).values_list("ticket_id", flat=True)
+    )
+
+
 def assert_invariants() -> None:
     problems = invariant_violations()
     assert not problems, problems

@@ -7,22 +7,9 @@ from django.test import override_settings
 from django.utils import timezone
 
 from support.models import Ticket, TicketAssignment
-from tests.conftest import create_tickets, create_user, run_sync
+from tests.conftest import TICKET_KEYS, create_tickets, create_user, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-TICKET_KEYS = {
-    "id",
-    "title",
-    "description",
-    "status",
-    "priority",
-    "created_by",
-    "assigned_to",
-    "assigned_at",
-    "created_at",
-    "updated_at",
-}
 
 
 def _ticket(pk):

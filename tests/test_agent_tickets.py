@@ -8,16 +8,9 @@ from django.utils import timezone
 
 from support.models import Ticket, TicketAssignment
 from tests.conftest import create_tickets, run_sync
+from tests.invariants import held_ticket_ids
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _holdings(agent_id):
-    return sorted(
-        TicketAssignment.objects.filter(
-            agent_id=agent_id, is_active=True, ticket__status="assigned"
-        ).values_list("ticket_id", flat=True)
-    )
 
 
 @pytest.mark.smoke
@@ -28,7 +21,7 @@ async def test_fetch_tops_up_to_the_cap_and_records_assignments(agent_client, ad
     body = r.json()
     assert len(body) == 15
     assert all(t["status"] == "assigned" and t["assigned_to"] == agent.pk for t in body)
-    assert sorted(t["id"] for t in body) == await run_sync(_holdings, agent.pk)
+    assert {t["id"] for t in body} == await run_sync(held_ticket_ids, agent.pk)
     assert await Ticket.objects.filter(status="open").acount() == 5
 
 

@@ -10,17 +10,9 @@ from django.db import IntegrityError, connection, connections, transaction
 from support import services
 from support.models import Ticket, TicketAssignment, TicketEvent
 from tests.conftest import create_tickets, create_user, run_sync
-from tests.invariants import assert_invariants
+from tests.invariants import assert_invariants, held_ticket_ids
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _held_by(agent_id):
-    return set(
-        TicketAssignment.objects.filter(
-            agent_id=agent_id, is_active=True, ticket__status="assigned"
-        ).values_list("ticket_id", flat=True)
-    )
 
 
 def _run_in_threads(count, target):
@@ -59,7 +51,7 @@ async def test_twenty_agents_fetching_at_once_each_get_fifteen_disjoint(make_cli
     assert [len(s) for s in sets] == [15] * 20
     assert len(set().union(*sets)) == 300  # disjoint, and the pool is used up exactly
     for agent, held in zip(agents, sets, strict=True):
-        assert await run_sync(_held_by, agent.pk) == held
+        assert await run_sync(held_ticket_ids, agent.pk) == held
     assert await Ticket.objects.filter(status="open").acount() == 0
     await run_sync(assert_invariants)
 
@@ -73,7 +65,7 @@ async def test_one_agent_firing_25_fetches_at_once_ends_with_exactly_15(agent_cl
     answers = [sorted(t["id"] for t in r.json()) for r in responses]
     assert all(answer == answers[0] for answer in answers)
     assert len(answers[0]) == 15
-    assert await run_sync(_held_by, agent.pk) == set(answers[0])
+    assert await run_sync(held_ticket_ids, agent.pk) == set(answers[0])
     assert await TicketAssignment.objects.acount() == 15
     await run_sync(assert_invariants)
 
@@ -83,7 +75,7 @@ def test_one_agent_topping_up_from_eight_threads_at_once_holds_exactly_15(admin,
     results, errors = _run_in_threads(8, lambda i: services.tickets_top_up(agent_id=agent.pk))
     assert errors == []
     assert all(len(rows) == 15 for rows in results)
-    assert _held_by(agent.pk) == {row["id"] for row in results[0]}
+    assert held_ticket_ids(agent.pk) == {row["id"] for row in results[0]}
     assert TicketAssignment.objects.count() == 15
     assert_invariants()
 
@@ -107,7 +99,7 @@ async def test_admin_assigning_while_agent_fetches_never_passes_the_cap(
     for r in responses[0::2]:
         if r.status_code == 409:
             assert "cap" in r.json()["detail"]
-    assert len(await run_sync(_held_by, agent.pk)) == 15
+    assert len(await run_sync(held_ticket_ids, agent.pk)) == 15
     await run_sync(assert_invariants)
 
 
@@ -127,7 +119,7 @@ def test_admin_assignments_from_many_threads_respect_the_cap(admin, agent):
     assert errors == []
     assert results.count("assigned") == 15
     assert results.count("refused") == 15
-    assert len(_held_by(agent.pk)) == 15
+    assert len(held_ticket_ids(agent.pk)) == 15
     assert_invariants()
 
 
@@ -160,7 +152,7 @@ async def test_agents_racing_with_transitions_reassignments_and_deactivation(
     # 400: assigning to the agent deactivated meanwhile; 409: the cap or the state machine
     assert {r.status_code for r in responses} <= {200, 204, 400, 401, 404, 409}
     await run_sync(assert_invariants)
-    assert await run_sync(_held_by, agents[0].pk) == set()
+    assert await run_sync(held_ticket_ids, agents[0].pk) == set()
 
 
 # --- Guarantee 3 again: a locked ticket is skipped, never waited for -------------------------
