@@ -39,15 +39,17 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "support.observability.RequestLogMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    # Django's own middleware, subclassed to run its hooks without a thread hop each
+    # (support/middleware.py); same behaviour.
+    "support.middleware.SecurityMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     "support.middleware.DatabaseUnavailableMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "support.middleware.SessionMiddleware",
+    "support.middleware.CommonMiddleware",
+    "support.middleware.CsrfViewMiddleware",
+    "support.middleware.AuthenticationMiddleware",
+    "support.middleware.MessageMiddleware",
+    "support.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -194,6 +196,8 @@ SPECTACULAR_SETTINGS = {
 # --- The product ----------------------------------------------------------------------------
 SUPPORT_AGENT_MAX_TICKETS = env_int("SUPPORT_AGENT_MAX_TICKETS", 15, minimum=1)
 SUPPORT_AGENTS_GROUP = "agents"
+# The benchmark's framework floor at /bench/floor/ (bench/README.md); off in production.
+SUPPORT_BENCH_ENDPOINTS = env_bool("SUPPORT_BENCH_ENDPOINTS", False)
 
 # Request bodies larger than this are refused with 413 before Django reads them (project.asgi)
 # and by Django itself.
@@ -214,6 +218,12 @@ CSRF_COOKIE_SECURE = not DEBUG
 SILENCED_SYSTEM_CHECKS = [
     # HSTS preload lists are an opt-in of the domain's owner: DJANGO_SECURE_HSTS_PRELOAD=1.
     "security.W021",
+    # These three look for Django's own middleware by dotted path; MIDDLEWARE holds subclasses
+    # of them (support/middleware.py), and support.checks warns, as they would, when one is
+    # missing.
+    "security.W001",
+    "security.W002",
+    "security.W003",
 ]
 
 LANGUAGE_CODE = "en-us"

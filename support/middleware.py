@@ -1,11 +1,16 @@
-"""Answers 503 (JSON) when the database fails outside a DRF view, e.g. in the admin site."""
+"""Answers 503 (JSON) when the database fails outside a DRF view, e.g. in the admin site; and
+Django's own middleware without a thread hop per hook."""
 
 import json
 import logging
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
+from django.contrib.sessions import middleware as sessions
 from django.db import OperationalError
 from django.http import HttpResponse
+from django.middleware import clickjacking, common, csrf, security
 
 log = logging.getLogger("support.api")
 
@@ -33,3 +38,61 @@ class DatabaseUnavailableMiddleware:
         )
         response["Retry-After"] = "1"
         return response
+
+
+# --- Django's own middleware, with its hooks run on the event loop ----------------------------
+# Under ASGI, Django runs each sync hook of a MiddlewareMixin (process_request, process_view,
+# process_response) through sync_to_async: one worker-thread hop per hook, fourteen per
+# request for this stack, which cost more than the whole API request's own work. These hooks
+# only read and set attributes and headers, so the subclasses below call them directly. The
+# two that can touch the database (saving a session, storing messages into it) still go to a
+# thread, and only when there is something to save.
+class _InlineHooks:
+    async def __acall__(self, request):
+        response = None
+        if hasattr(self, "process_request"):
+            response = self.process_request(request)
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            if self.response_needs_thread(request):
+                response = await sync_to_async(self.process_response)(request, response)
+            else:
+                response = self.process_response(request, response)
+        return response
+
+    def response_needs_thread(self, request) -> bool:
+        return False
+
+
+class SecurityMiddleware(_InlineHooks, security.SecurityMiddleware):
+    pass
+
+
+class SessionMiddleware(_InlineHooks, sessions.SessionMiddleware):
+    def response_needs_thread(self, request) -> bool:
+        session = getattr(request, "session", None)
+        return session is not None and session.accessed
+
+
+class CommonMiddleware(_InlineHooks, common.CommonMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(_InlineHooks, csrf.CsrfViewMiddleware):
+    # The handler hops to a thread for a sync process_view; an async one runs in place.
+    async def process_view(self, request, callback, callback_args, callback_kwargs):
+        return super().process_view(request, callback, callback_args, callback_kwargs)
+
+
+class AuthenticationMiddleware(_InlineHooks, auth.AuthenticationMiddleware):
+    pass  # sets a lazy request.user; reading it in a sync view runs the query in that thread
+
+
+class MessageMiddleware(_InlineHooks, messages.MessageMiddleware):
+    def response_needs_thread(self, request) -> bool:
+        storage = getattr(request, "_messages", None)
+        return storage is not None and (storage.used or storage.added_new)
+
+
+class XFrameOptionsMiddleware(_InlineHooks, clickjacking.XFrameOptionsMiddleware):
+    pass

@@ -1,7 +1,7 @@
 """The rules of the ticket service: the agent top-up, the state machine and the admin's edits.
 
 Every function here that writes is plain, synchronous and runs its whole work in one
-transaction; async views call each of them once through ``sync_to_async``.
+transaction; views call them from their one worker-thread hop (``support.api.views``).
 
 Lock contract (PostgreSQL; on SQLite every write transaction is ``BEGIN IMMEDIATE`` and so runs
 alone, and the row locks below are no-ops):
@@ -251,8 +251,12 @@ def _require_active_agent(locked: dict[int, _LockedUser], agent_id: int) -> None
 
 
 # --- Agents: the top-up and the state machine -------------------------------------------------
-def tickets_top_up(*, agent_id: int) -> list[dict]:
+def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
     """Top the agent up to the cap from the pool and return what it holds.
+
+    ``role_checked=True`` says the caller has just read the agent's role and active flag (the
+    token check of the same request): an agent already at the cap is then answered from one
+    plain read, without the transaction below.
 
     One transaction: lock the agent's row (its own concurrent calls queue here), read what it
     holds in status assigned, take the missing number of open tickets with
@@ -261,6 +265,12 @@ def tickets_top_up(*, agent_id: int) -> list[dict]:
     by assigned_at then id. Raises AgentInactive / NotAnAgent if the caller lost its role.
     """
     cap = settings.SUPPORT_AGENT_MAX_TICKETS
+    if role_checked:
+        # An agent at the cap takes nothing: one plain read answers it, no lock, no
+        # transaction. Only a change can exceed the cap, and every change locks.
+        held = list(held_tickets(agent_id))
+        if len(held) >= cap:
+            return held
     with transaction.atomic():
         _require_active_agent(_lock_users([agent_id]), agent_id)
         held = list(held_tickets(agent_id))

@@ -361,9 +361,10 @@ LOCK_TIMEOUT_MS = 2000
 
 
 def test_a_locked_agent_row_answers_503_within_the_lock_timeout_and_others_are_not_slowed():
-    """An outside session holds the agent's row (FOR UPDATE) in an open transaction. The agent's
-    fetch waits for it DB_LOCK_TIMEOUT_MS, then answers 503 (the README's choice for a lock held
-    too long: the client may retry); meanwhile the other agents fetch and resolve at full speed."""
+    """An outside session holds the agent's row (FOR UPDATE) in an open transaction. At the cap,
+    the agent's poll does not need the row and answers at once; with room to fill, its fetch
+    waits for it DB_LOCK_TIMEOUT_MS, then answers 503 (the README's choice for a lock held too
+    long: the client may retry); meanwhile the other agents fetch and resolve at full speed."""
     admin = create_user(staff=True)
     victim = create_user(agent=True)
     others = [create_user(agent=True) for _ in range(8)]
@@ -399,6 +400,15 @@ def test_a_locked_agent_row_answers_503_within_the_lock_timeout_and_others_are_n
                 warm = await asyncio.gather(*(fetch(client, calls, a) for a in others))
                 assert all(c.ok for c in warm), warm
 
+                # at the cap, its poll is a plain read: answered without waiting for the row
+                locker.execute("BEGIN")
+                locker.execute("SELECT id FROM auth_user WHERE id = %s FOR UPDATE", (victim.pk,))
+                at_cap = await fetch(client, calls, victim)
+                locker.execute("ROLLBACK")
+                # room for one more: its next fetch must take the lock to top up
+                room = await move(client, calls, victim, first.json[-1]["id"], "resolved")
+                assert room.ok, room
+
                 locker.execute("BEGIN")
                 locker.execute("SELECT id FROM auth_user WHERE id = %s FOR UPDATE", (victim.pk,))
                 blocked, meanwhile = await asyncio.gather(
@@ -410,12 +420,15 @@ def test_a_locked_agent_row_answers_503_within_the_lock_timeout_and_others_are_n
                 queued = await asyncio.gather(*(fetch(client, calls, victim) for _ in range(3)))
                 locker.execute("ROLLBACK")
                 again = await fetch(client, calls, victim)
-                return first, blocked, meanwhile, blocked_move, queued, again
+                return first, at_cap, blocked, meanwhile, blocked_move, queued, again
 
-        first, blocked, meanwhile, blocked_move, queued, again = asyncio.run(scenario())
+        first, at_cap, blocked, meanwhile, blocked_move, queued, again = asyncio.run(scenario())
         time.sleep(0.3)
         assert idle_in_transaction(locker) == []
 
+    assert at_cap.ok, at_cap
+    assert at_cap.end - at_cap.start < lock_timeout / 4, "the poll at the cap waited"
+    assert [t["id"] for t in at_cap.json] == [t["id"] for t in first.json]
     for c in (blocked, blocked_move):
         assert_503(c, within=lock_timeout + 1.0)
         assert c.end - c.start >= lock_timeout * 0.9, "it did not wait for the lock"
@@ -428,9 +441,10 @@ def test_a_locked_agent_row_answers_503_within_the_lock_timeout_and_others_are_n
     assert slowest < lock_timeout / 4, f"other agents waited {slowest:.2f}s: {latencies}"
     assert sum(1 for c in meanwhile if c.kind == "move") >= 2 * len(others)
     assert max(c.end for c in meanwhile) < blocked.end  # all while the victim was waiting
-    # the refused requests changed nothing; the lock gone, the agent is served as before
+    # the refused requests changed nothing; the lock gone, the agent is topped up as before
     assert again.ok
-    assert [t["id"] for t in again.json] == [t["id"] for t in first.json]
+    assert [t["id"] for t in again.json][:14] == [t["id"] for t in first.json][:14]
+    assert len(again.json) == 15
     assert {t["id"] for t in again.json} == held_by(victim.pk)
     print(
         f"\nagent row locked: its fetch 503 after {blocked.end - blocked.start:.2f}s, its move "
@@ -634,6 +648,15 @@ def test_clients_that_disconnect_mid_request_leave_no_transaction_open_and_no_co
             sock.close()
         time.sleep(0.5)
         locker.execute("ROLLBACK")
+
+        # room for one more again (the requests above may have filled it): the next fetch
+        # must take the agent's row, not answer from the plain read an agent at the cap gets
+        async def make_room():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as client:
+                c = await fetch(client, calls, agent)
+                assert (await move(client, calls, agent, c.json[0]["id"], "resolved")).ok
+
+        asyncio.run(make_room())
 
         # an httpx request given up by its client while it waits for the agent's row
         async def given_up():

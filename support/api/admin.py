@@ -1,7 +1,6 @@
-"""Admin endpoints: tickets and agents. Thin: validate, await one selector or service, answer."""
+"""Admin endpoints: tickets and agents. Thin: in one thread hop, validate, call one selector or
+service, answer."""
 
-from adrf.views import APIView
-from asgiref.sync import sync_to_async
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -26,6 +25,7 @@ from support.api.serializers import (
     TicketUpdateSerializer,
     ticket_json,
 )
+from support.api.views import APIView
 from support.models import Ticket
 
 DEFAULT_PAGE_SIZE = 20
@@ -67,12 +67,15 @@ class TicketListView(APIView):
         responses=answers({200: PAGINATED_TICKETS}, 401, 403, 404, field_errors=True),
     )
     async def get(self, request):
+        return await self.in_thread(self._list, request)
+
+    def _list(self, request):
         page, size = _page_params(request)
         filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
         if not filterset.is_valid():
             raise exceptions.ValidationError(filterset.errors)
         queryset = filterset.qs
-        count = await queryset.acount()
+        count = queryset.count()
         last = max(1, -(-count // size))
         if page > last:
             raise exceptions.NotFound("Invalid page.")
@@ -83,7 +86,7 @@ class TicketListView(APIView):
                 "count": count,
                 "next": _page_url(request, page + 1) if page < last else None,
                 "previous": _page_url(request, page - 1) if page > 1 else None,
-                "results": [ticket_json(row) async for row in rows],
+                "results": [ticket_json(row) for row in rows],
             }
         )
 
@@ -93,11 +96,12 @@ class TicketListView(APIView):
         responses=answers({201: TicketSerializer}, 401, 403, *body_errors(), field_errors=True),
     )
     async def post(self, request):
+        return await self.in_thread(self._create, request)
+
+    def _create(self, request):
         serializer = TicketCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        row = await sync_to_async(services.ticket_create)(
-            **serializer.validated_data, created_by_id=request.user.pk
-        )
+        row = services.ticket_create(**serializer.validated_data, created_by_id=request.user.pk)
         return Response(ticket_json(row), status=status.HTTP_201_CREATED)
 
 
@@ -110,7 +114,10 @@ class TicketDetailView(APIView):
         responses=answers({200: TicketSerializer}, 401, 403, 404),
     )
     async def get(self, request, pk):
-        row = await services.ticket_rows(services.tickets_with_holder().filter(pk=pk)).afirst()
+        return await self.in_thread(self._retrieve, pk)
+
+    def _retrieve(self, pk):
+        row = services.ticket_rows(services.tickets_with_holder().filter(pk=pk)).first()
         if row is None:
             raise exceptions.NotFound("No Ticket matches the given query.")
         return Response(ticket_json(row))
@@ -124,7 +131,7 @@ class TicketDetailView(APIView):
         ),
     )
     async def put(self, request, pk):
-        return await self._update(request, pk, partial=False)
+        return await self.in_thread(self._update, request, pk, partial=False)
 
     @extend_schema(
         operation_id="tickets_partial_update",
@@ -135,12 +142,12 @@ class TicketDetailView(APIView):
         ),
     )
     async def patch(self, request, pk):
-        return await self._update(request, pk, partial=True)
+        return await self.in_thread(self._update, request, pk, partial=True)
 
-    async def _update(self, request, pk, *, partial):
+    def _update(self, request, pk, *, partial):
         serializer = TicketUpdateSerializer(data=request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
-        row = await sync_to_async(services.ticket_update)(
+        row = services.ticket_update(
             ticket_id=pk, changes=serializer.validated_data, actor_id=request.user.pk
         )
         return Response(ticket_json(row))
@@ -151,7 +158,10 @@ class TicketDetailView(APIView):
         responses=answers({204: None}, 401, 403, 404, 409),
     )
     async def delete(self, request, pk):
-        await sync_to_async(services.ticket_delete)(ticket_id=pk, actor_id=request.user.pk)
+        return await self.in_thread(self._delete, request, pk)
+
+    def _delete(self, request, pk):
+        services.ticket_delete(ticket_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -166,14 +176,17 @@ class TicketHistoryView(APIView):
         responses=answers({200: TicketEventSerializer(many=True)}, 401, 403, 404),
     )
     async def get(self, request, pk):
+        return await self.in_thread(self._history, request, pk)
+
+    def _history(self, request, pk):
         if (
             not request.user.is_staff
-            and not await services.is_holder(ticket_id=pk, agent_id=request.user.pk).aexists()
+            and not services.is_holder(ticket_id=pk, agent_id=request.user.pk).exists()
         ):
             raise exceptions.NotFound("No such ticket among yours.")
         serializer = TicketEventSerializer()
-        events = [serializer.to_representation(row) async for row in services.ticket_history(pk)]
-        if not events and not await Ticket.objects.filter(pk=pk).aexists():
+        events = [serializer.to_representation(row) for row in services.ticket_history(pk)]
+        if not events and not Ticket.objects.filter(pk=pk).exists():
             raise exceptions.NotFound("No Ticket matches the given query.")
         return Response(events)
 
@@ -185,7 +198,7 @@ class AgentListView(APIView):
         operation_id="agents_list", responses=answers({200: AgentSerializer(many=True)}, 401, 403)
     )
     async def get(self, request):
-        return Response([row async for row in services.agents_with_load()])
+        return await self.in_thread(lambda: Response(list(services.agents_with_load())))
 
     @extend_schema(
         operation_id="agents_create",
@@ -193,9 +206,12 @@ class AgentListView(APIView):
         responses=answers({201: AgentSerializer}, 401, 403, *body_errors(), field_errors=True),
     )
     async def post(self, request):
+        return await self.in_thread(self._create, request)
+
+    def _create(self, request):
         serializer = AgentCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        user = await sync_to_async(services.agent_create)(**serializer.validated_data)
+        user = services.agent_create(**serializer.validated_data)
         data = {
             "id": user.pk,
             "username": user.username,
@@ -216,5 +232,8 @@ class AgentDetailView(APIView):
         responses=answers({204: None}, 401, 403, 404),
     )
     async def delete(self, request, pk):
-        await sync_to_async(services.agent_deactivate)(agent_id=pk, actor_id=request.user.pk)
+        return await self.in_thread(self._deactivate, request, pk)
+
+    def _deactivate(self, request, pk):
+        services.agent_deactivate(agent_id=pk, actor_id=request.user.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -13,8 +13,8 @@ class TokenAuthentication(authentication.TokenAuthentication):
     """DRF's ``Authorization: Token <key>`` scheme over hashed, expiring tokens.
 
     One query finds the token by its key's hash, with its user and the user's agent role.
-    adrf runs authentication and permissions together in one worker thread
-    (``APIView.initial`` under ``sync_to_async``), so this stays a plain sync authenticator.
+    It runs in the request's one worker-thread hop (``support.api.views.APIView``), before the
+    handler's own work, so this stays a plain sync authenticator.
     """
 
     def authenticate_credentials(self, key):

@@ -1,7 +1,5 @@
 """Log in (username and password in, a new API token out) and log out (the token revoked)."""
 
-from adrf.views import APIView
-from asgiref.sync import sync_to_async
 from django.contrib.auth import authenticate
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, permissions, serializers, status
@@ -10,6 +8,7 @@ from rest_framework.response import Response
 from support.api.schema import answers, body_errors
 from support.api.serializers import TokenRequestSerializer
 from support.api.throttles import LoginByAddressThrottle, LoginByUsernameThrottle
+from support.api.views import APIView
 from support.models import ApiToken
 from support.tokens import token_issue, token_revoke
 
@@ -41,9 +40,12 @@ class ObtainTokenView(APIView):
         ),
     )
     async def post(self, request):
+        return await self.in_thread(self._login, request)
+
+    def _login(self, request):
         serializer = TokenRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key = await sync_to_async(_login)(**serializer.validated_data)
+        key = _login(**serializer.validated_data)
         if key is None:
             raise exceptions.ValidationError(
                 {"non_field_errors": ["Unable to log in with provided credentials."]}
@@ -56,6 +58,9 @@ class LogoutView(APIView):
 
     @extend_schema(operation_id="auth_logout", request=None, responses=answers({204: None}, 401))
     async def post(self, request):
+        return await self.in_thread(self._logout, request)
+
+    def _logout(self, request):
         if isinstance(request.auth, ApiToken):
-            await sync_to_async(token_revoke)(token_id=request.auth.pk)
+            token_revoke(token_id=request.auth.pk)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -3,8 +3,6 @@
 import hmac
 import os
 
-from adrf.views import APIView
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse
 from drf_spectacular.utils import extend_schema
@@ -14,6 +12,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from rest_framework import permissions
 
 from support.api.auth import IsAdmin
+from support.api.views import APIView
 from support.models import Ticket
 
 
@@ -65,5 +64,6 @@ class MetricsView(APIView):
 
     @extend_schema(exclude=True)
     async def get(self, request):
-        body = await sync_to_async(_scrape)()
-        return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+        return await self.in_thread(
+            lambda: HttpResponse(_scrape(), content_type=CONTENT_TYPE_LATEST)
+        )
