@@ -59,10 +59,20 @@ class TicketAssignment(models.Model):
 
     ticket = models.ForeignKey(Ticket, on_delete=models.CASCADE, related_name="assignments")
     agent = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="ticket_assignments"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="ticket_assignments",
+        # No index of all an agent's rows: with one, stale statistics let the planner read an
+        # agent's whole history for "what do I hold" instead of assignment_agent_holding_idx.
+        db_index=False,
     )
     assigned_at = models.DateTimeField(default=timezone.now)
     is_active = models.BooleanField(default=True)
+    # True while the ticket is in status assigned: the rows that count toward the agent's cap.
+    # A copy of the ticket's status, kept by support.services in the same transaction as every
+    # status change, so that "what do I hold" is read from one small index however many
+    # resolved and closed tickets the agent has worked.
+    holding = models.BooleanField(default=True)
 
     class Meta:
         constraints = [
@@ -73,11 +83,12 @@ class TicketAssignment(models.Model):
             ),
         ]
         indexes = [
-            # "What do I hold": an agent's active assignments in answer order.
+            # "What do I hold": the tickets an agent works, in answer order; history (its
+            # resolved and closed tickets) is not in this index.
             models.Index(
                 fields=["agent", "assigned_at", "ticket"],
-                condition=Q(is_active=True),
-                name="assignment_agent_active_idx",
+                condition=Q(is_active=True, holding=True),
+                name="assignment_agent_holding_idx",
             ),
         ]
 

@@ -147,13 +147,38 @@ def ticket_rows(queryset: QuerySet) -> QuerySet:
     )
 
 
-def held_tickets(agent_id: int) -> QuerySet:
-    """The tickets ``agent_id`` holds in status assigned, in answer order."""
-    return ticket_rows(
-        tickets_with_holder()
-        .filter(active__agent_id=agent_id, status=Status.ASSIGNED)
-        .order_by("active__assigned_at", "id")
+def held_assignments(agent_id: int) -> QuerySet:
+    """(ticket id, assigned_at) of what the agent holds in status assigned, in answer order:
+    read from assignment_agent_holding_idx alone, so the agent's history is never visited."""
+    return (
+        TicketAssignment.objects.filter(agent_id=agent_id, is_active=True, holding=True)
+        .order_by("assigned_at", "ticket_id")
+        .values_list("ticket_id", "assigned_at")
     )
+
+
+def held_tickets(agent_id: int, held: list | None = None) -> list[dict]:
+    """The tickets ``agent_id`` holds in status assigned, as rows, in answer order.
+
+    Two reads on purpose (``held`` is the first, when the caller has it): the assignments from
+    their index, then those tickets by primary key. As one join, PostgreSQL can choose a merge
+    join that walks the ticket table along its primary key once the assignments' statistics
+    lag behind fast churn (every new assignment names a ticket newer than they know).
+    """
+    if held is None:
+        held = list(held_assignments(agent_id))
+    if not held:
+        return []
+    # by primary key only: a status condition here lets the planner prefer the status index
+    tickets = {
+        row["id"]: row
+        for row in Ticket.objects.filter(pk__in=[pk for pk, _ in held]).values(*TICKET_FIELDS)
+    }
+    return [
+        {**tickets[pk], "assigned_to": agent_id, "assigned_at": at}
+        for pk, at in held
+        if pk in tickets and tickets[pk]["status"] == Status.ASSIGNED
+    ]
 
 
 def agents_with_load() -> QuerySet:
@@ -188,9 +213,7 @@ def is_holder(*, ticket_id: int, agent_id: int) -> QuerySet:
 
 
 def _count_assigned(agent_id: int) -> int:
-    return TicketAssignment.objects.filter(
-        agent_id=agent_id, is_active=True, ticket__status=Status.ASSIGNED
-    ).count()
+    return TicketAssignment.objects.filter(agent_id=agent_id, is_active=True, holding=True).count()
 
 
 @dataclass(frozen=True)
@@ -266,14 +289,14 @@ def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
     """
     cap = settings.SUPPORT_AGENT_MAX_TICKETS
     if role_checked:
-        # An agent at the cap takes nothing: one plain read answers it, no lock, no
-        # transaction. Only a change can exceed the cap, and every change locks.
-        held = list(held_tickets(agent_id))
+        # An agent at the cap takes nothing: plain reads answer it, no lock, no transaction.
+        # Only a change can exceed the cap, and every change locks.
+        held = list(held_assignments(agent_id))
         if len(held) >= cap:
-            return held
+            return held_tickets(agent_id, held)
     with transaction.atomic():
         _require_active_agent(_lock_users([agent_id]), agent_id)
-        held = list(held_tickets(agent_id))
+        held = held_tickets(agent_id)
         missing = cap - len(held)
         if missing <= 0:
             return held
@@ -342,6 +365,10 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
             raise TransitionNotAllowed(row["status"], to_status, allowed)
         now = timezone.now()
         Ticket.objects.filter(pk=ticket_id).update(status=to_status, updated_at=now)
+        if row["status"] == Status.ASSIGNED:  # it no longer counts toward the cap
+            TicketAssignment.objects.filter(ticket_id=ticket_id, is_active=True).update(
+                holding=False
+            )
         TicketEvent.objects.create(
             ticket_id=ticket_id,
             at=now,
@@ -463,13 +490,18 @@ def _apply_admin_edit(
 
     now = timezone.now()
     ticket_id = row["id"]
+    holding = status == Status.ASSIGNED
     if agent != holder:
         if holder is not None:
             TicketAssignment.objects.filter(ticket_id=ticket_id, is_active=True).update(
-                is_active=False
+                is_active=False, holding=False
             )
         if agent is not None:
-            TicketAssignment.objects.create(ticket_id=ticket_id, agent_id=agent, assigned_at=now)
+            TicketAssignment.objects.create(
+                ticket_id=ticket_id, agent_id=agent, assigned_at=now, holding=holding
+            )
+    elif agent is not None and holding != (current == Status.ASSIGNED):
+        TicketAssignment.objects.filter(ticket_id=ticket_id, is_active=True).update(holding=holding)
     Ticket.objects.filter(pk=ticket_id).update(**fields, updated_at=now)
     kind = _record(ticket_id, actor_id, diff, from_status=current, agent=agent or holder, at=now)
     transaction.on_commit(
@@ -579,16 +611,18 @@ def _release_assigned(agent_id: int, actor_id: int) -> list[int]:
     released = list(
         Ticket.objects.select_for_update(no_key=True, of=("self",))
         .filter(
-            status=Status.ASSIGNED,
             assignments__agent_id=agent_id,
             assignments__is_active=True,
+            assignments__holding=True,
         )
         .values_list("pk", flat=True)
     )
     if not released:
         return released
     now = timezone.now()
-    TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(is_active=False)
+    TicketAssignment.objects.filter(ticket_id__in=released, is_active=True).update(
+        is_active=False, holding=False
+    )
     Ticket.objects.filter(pk__in=released).update(status=Status.OPEN, updated_at=now)
     TicketEvent.objects.bulk_create(
         TicketEvent(

@@ -36,6 +36,15 @@ def invariant_violations() -> list[str]:
         f"ticket {pk} is {status} without an active assignment"
         for pk, status in unheld.values_list("pk", "status")
     ]
+    # the cap's index reads TicketAssignment.holding: it must mirror the ticket's status
+    for pk, ticket_id, active, holding, status in TicketAssignment.objects.values_list(
+        "pk", "ticket_id", "is_active", "holding", "ticket__status"
+    ):
+        if holding != (active and status == "assigned"):
+            problems.append(
+                f"assignment {pk} of ticket {ticket_id} ({status}, active={active}) "
+                f"has holding={holding}"
+            )
     return problems + history_violations()
 
 

@@ -31,12 +31,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Tests trade durability for speed; the benchmark passes its own settings.
+TEST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
 @dataclass
 class Cluster:
     datadir: str
     port: int
     user: str = "postgres"
     password: str = "postgres"
+    settings: dict | None = None
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgres://{self.user}:{self.password}@127.0.0.1:{self.port}/{dbname}"
@@ -52,10 +62,9 @@ class Cluster:
 
     def start(self) -> None:
         log = os.path.join(self.datadir, "server.log")
-        options = (
-            f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=200"
+        settings = TEST_SETTINGS if self.settings is None else self.settings
+        options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1" + "".join(
+            f" -c {name}={value}" for name, value in settings.items()
         )
         self.pg_ctl("-w", "-l", log, "-o", options, "start")
 
@@ -63,11 +72,12 @@ class Cluster:
         self.pg_ctl("-w", "-m", mode, "stop", check=False)
 
 
-def start_cluster() -> Cluster:
+def start_cluster(settings: dict | None = None) -> Cluster:
+    """A new cluster, started; ``settings`` replace the test settings (``-c name=value``)."""
     root = tempfile.mkdtemp(prefix="support-pg-")
     datadir = os.path.join(root, "data")
     os.mkdir(datadir)
-    cluster = Cluster(datadir=datadir, port=free_port())
+    cluster = Cluster(datadir=datadir, port=free_port(), settings=settings)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(datadir, "postgres")

@@ -59,7 +59,9 @@ async def world(admin, agent):
         resolved = create_tickets(admin, 1, status=Ticket.Status.RESOLVED)
         now = timezone.now()
         TicketAssignment.objects.bulk_create(
-            TicketAssignment(ticket=ticket, agent=agent, assigned_at=now)
+            TicketAssignment(
+                ticket=ticket, agent=agent, assigned_at=now, holding=ticket.status == "assigned"
+            )
             for ticket in held + resolved
         )
         opened = create_tickets(admin, 2, priority=Ticket.Priority.HIGH)

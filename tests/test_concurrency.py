@@ -194,9 +194,10 @@ def test_database_refuses_a_second_active_assignment_when_code_is_bypassed(admin
         TicketAssignment.objects.create(ticket=ticket, agent=other)
     with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO support_ticketassignment (ticket_id, agent_id, assigned_at, is_active)"
-            " VALUES (%s, %s, CURRENT_TIMESTAMP, %s)",
-            [ticket.pk, other.pk, True],
+            "INSERT INTO support_ticketassignment"
+            " (ticket_id, agent_id, assigned_at, is_active, holding)"
+            " VALUES (%s, %s, CURRENT_TIMESTAMP, %s, %s)",
+            [ticket.pk, other.pk, True, False],
         )
     # inactive rows (the history) may repeat freely
     TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection
+from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from rest_framework.permissions import AllowAny
@@ -18,6 +18,7 @@ from rest_framework.test import APIRequestFactory
 
 from support import services
 from support.api.views import APIView
+from support.models import Ticket, TicketAssignment
 from tests.conftest import create_tickets, create_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,20 +45,29 @@ def test_statements_per_request_of_the_hot_endpoints():
     agent = create_user(agent=True)
     create_tickets(admin, 40)
 
-    # token, held list (not at the cap, so:); BEGIN, lock the agent, held list again, pick,
-    # mark, assignments, events, COMMIT
+    # token, held assignments (none: not at the cap, so:); BEGIN, lock the agent, held
+    # assignments again, pick, mark, assignments, events, COMMIT
     status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
     assert (status, len(sql)) == (200, 10), sql
-    # poll at the cap: token, held list; no transaction, no lock
+    # poll at the cap: token, held assignments, their tickets; no transaction, no lock
     status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
-    assert (status, len(sql)) == (200, 2), sql
+    assert (status, len(sql)) == (200, 3), sql
     assert not any("FOR NO KEY UPDATE" in q or q == "BEGIN" for q in sql)
 
     held = services.held_tickets(agent.pk)[0]["id"]
-    # token; BEGIN, lock the agent, lock the ticket with its holder, update, event, COMMIT
+    # token; BEGIN, lock the agent, lock the ticket with its holder, update it, mark its
+    # assignment as no longer counting toward the cap, event, COMMIT
     move = {"ticket_id": held, "status": "resolved"}
     status, sql = _call(client, agent, "POST", "/api/agent/tickets/", move)
+    assert (status, len(sql)) == (200, 8), sql
+    # resolved -> closed: the same without the assignment's update
+    move = {"ticket_id": held, "status": "closed"}
+    status, sql = _call(client, agent, "POST", "/api/agent/tickets/", move)
     assert (status, len(sql)) == (200, 7), sql
+    # the churn's fetch, one short: token, held assignments; BEGIN, lock, held assignments,
+    # their tickets, pick, mark, assignments, events, COMMIT
+    status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
+    assert (status, len(sql)) == (200, 11), sql
 
     # token, count, page
     status, sql = _call(client, admin, "GET", "/api/tickets/?page_size=20")
@@ -90,3 +100,94 @@ async def test_a_handler_that_skips_the_checks_is_refused_not_served():
     response = await _Checked.as_view()(APIRequestFactory().get("/"))
     assert response.status_code == 200
     assert response.data == {"user": "AnonymousUser"}  # authentication ran
+
+
+# --- Query plans: cost that does not grow with history ---------------------------------------
+def _plan(queryset) -> dict:
+    """EXPLAIN ANALYZE of a queryset, in a transaction rolled back (a locking query locks)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        sql, params = queryset.query.sql_with_params()
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+        transaction.set_rollback(True)
+    return (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+
+
+def _nodes(plan: dict) -> list[dict]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
+
+
+def _history(admin, agent, count: int) -> None:
+    """``count`` closed tickets the agent worked (their assignments stay, as the record)."""
+    closed = create_tickets(admin, count, status=Ticket.Status.CLOSED)
+    TicketAssignment.objects.bulk_create(
+        TicketAssignment(ticket=t, agent=agent, holding=False) for t in closed
+    )
+
+
+def _analyze() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE support_ticket, support_ticketassignment")
+
+
+def test_held_list_reads_only_the_held_rows_however_long_the_history():
+    """ "What do I hold" reads the agent's 15 held assignments from
+    assignment_agent_holding_idx, then those 15 tickets by primary key: an agent's thousands
+    of closed tickets are never visited, with fresh statistics or with statistics taken before
+    the history existed (as between autovacuums during fast churn)."""
+    if connection.vendor != "postgresql":
+        pytest.fail("query plans are PostgreSQL's: run on PostgreSQL")
+    admin = create_user(staff=True)
+    agent, other = create_user(agent=True), create_user(agent=True)
+    old = create_tickets(admin, 8000, status=Ticket.Status.CLOSED)  # the held come after
+    create_tickets(admin, 3000)
+    services.tickets_top_up(agent_id=agent.pk)
+    services.tickets_top_up(agent_id=other.pk)
+    _analyze()  # statistics from before the history
+    TicketAssignment.objects.bulk_create(
+        TicketAssignment(ticket=t, agent=(agent, other)[n % 2], holding=False)
+        for n, t in enumerate(old)
+    )
+
+    for moment in ("stale statistics", "fresh statistics"):
+        held = services.held_assignments(agent.pk)
+        ids = [pk for pk, _ in held]
+        tickets = Ticket.objects.filter(pk__in=ids).values(*services.TICKET_FIELDS)
+        for query, index, table in (
+            (held, "assignment_agent_holding_idx", "support_ticketassignment"),
+            (tickets, "support_ticket_pkey", "support_ticket"),
+        ):
+            nodes = _nodes(_plan(query))
+            assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], (moment, nodes)
+            assert {n["Index Name"] for n in nodes if "Index Name" in n} == {index}, nodes
+            read = [n["Actual Rows"] * n["Actual Loops"] for n in nodes if "Relation Name" in n]
+            assert read, nodes
+            assert max(read) == 15, (moment, table, nodes)
+        assert len(services.held_tickets(agent.pk)) == 15
+        _analyze()
+
+
+def test_pool_pick_and_admin_page_read_their_indexes():
+    if connection.vendor != "postgresql":
+        pytest.fail("query plans are PostgreSQL's: run on PostgreSQL")
+    admin = create_user(staff=True)
+    create_tickets(admin, 3000)
+    _history(admin, create_user(agent=True), 3000)
+    _analyze()
+
+    pick = (
+        Ticket.objects.select_for_update(skip_locked=True, no_key=True)
+        .filter(status=Ticket.Status.OPEN)
+        .order_by("-priority", "created_at", "id")
+        .values("id")[:15]
+    )
+    nodes = _nodes(_plan(pick))
+    scans = [n for n in nodes if n.get("Relation Name") == "support_ticket"]
+    assert [n.get("Index Name") for n in scans] == ["ticket_pool_idx"], scans
+    assert scans[0]["Actual Rows"] == 15  # the first 15 in pick order, no sort of the pool
+
+    page = services.ticket_rows(services.tickets_with_holder().order_by("-created_at", "-id"))
+    nodes = _nodes(_plan(page[:20]))
+    scans = [n for n in nodes if n.get("Relation Name") == "support_ticket"]
+    assert [n.get("Index Name") for n in scans] == ["ticket_newest_idx"], scans
+    assert scans[0]["Actual Rows"] == 20
