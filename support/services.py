@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from support import observability as obs
 from support.models import ApiToken, Ticket, TicketAssignment, TicketEvent
+from support.prepared import Prepared
 
 User = get_user_model()
 Status = Ticket.Status
@@ -147,7 +148,7 @@ def ticket_rows(queryset: QuerySet) -> QuerySet:
     )
 
 
-def held_assignments(agent_id: int) -> QuerySet:
+def held_assignments_query(agent_id: int) -> QuerySet:
     """(ticket id, assigned_at) of what the agent holds in status assigned, in answer order:
     read from assignment_agent_holding_idx alone, so the agent's history is never visited."""
     return (
@@ -155,6 +156,13 @@ def held_assignments(agent_id: int) -> QuerySet:
         .order_by("assigned_at", "ticket_id")
         .values_list("ticket_id", "assigned_at")
     )
+
+
+_HELD_ASSIGNMENTS = Prepared(held_assignments_query, agent_id=int)
+
+
+def held_assignments(agent_id: int) -> list[tuple]:
+    return _HELD_ASSIGNMENTS.rows(agent_id=agent_id)
 
 
 def held_tickets(agent_id: int, held: list | None = None) -> list[dict]:
@@ -166,19 +174,31 @@ def held_tickets(agent_id: int, held: list | None = None) -> list[dict]:
     lag behind fast churn (every new assignment names a ticket newer than they know).
     """
     if held is None:
-        held = list(held_assignments(agent_id))
+        held = held_assignments(agent_id)
     if not held:
         return []
-    # by primary key only: a status condition here lets the planner prefer the status index
-    tickets = {
-        row["id"]: row
-        for row in Ticket.objects.filter(pk__in=[pk for pk, _ in held]).values(*TICKET_FIELDS)
-    }
+    ids = [pk for pk, _ in held]
+    if len(ids) <= _BY_ID_SLOTS:  # one prepared statement, unused slots 0 (no such ticket)
+        padded = ids + [0] * (_BY_ID_SLOTS - len(ids))
+        found = _TICKETS_BY_ID.rows(**dict(zip(_SLOT_NAMES, padded, strict=True)))
+    else:
+        found = Ticket.objects.filter(pk__in=ids).values_list(*TICKET_FIELDS)
+    tickets = {row[0]: dict(zip(TICKET_FIELDS, row, strict=True)) for row in found}
     return [
         {**tickets[pk], "assigned_to": agent_id, "assigned_at": at}
         for pk, at in held
         if pk in tickets and tickets[pk]["status"] == Status.ASSIGNED
     ]
+
+
+# The held tickets by primary key only (a status condition here lets the planner prefer the
+# status index), prepared with room for the default cap.
+_BY_ID_SLOTS = 15
+_SLOT_NAMES = [f"t{n}" for n in range(_BY_ID_SLOTS)]
+_TICKETS_BY_ID = Prepared(
+    lambda **ids: Ticket.objects.filter(pk__in=list(ids.values())).values_list(*TICKET_FIELDS),
+    **dict.fromkeys(_SLOT_NAMES, int),
+)
 
 
 def agents_with_load() -> QuerySet:
@@ -223,19 +243,28 @@ class _LockedUser:
     is_agent: bool
 
 
-def _lock_users(user_ids: Iterable[int]) -> dict[int, _LockedUser]:
-    """Lock the given users' rows, in id order, and read them after the lock."""
-    ids = sorted(set(user_ids))
-    if not ids:
-        return {}
-    started = time.perf_counter()
-    rows = list(
+def _lock_users_query(ids: list[int]) -> QuerySet:
+    return (
         User.objects.select_for_update(no_key=True, of=("self",))
         .filter(pk__in=ids)
         .annotate(is_agent=is_agent_expr())
         .order_by("pk")
         .values_list("pk", "is_active", "is_agent")
     )
+
+
+# Every agent change locks one user row: compiled once per process.
+_LOCK_ONE_USER = Prepared(lambda pk: _lock_users_query([pk]), pk=int)
+
+
+def _lock_users(user_ids: Iterable[int]) -> dict[int, _LockedUser]:
+    """Lock the given users' rows, in id order, and read them after the lock."""
+    ids = sorted(set(user_ids))
+    if not ids:
+        return {}
+    started = time.perf_counter()
+    one = len(ids) == 1
+    rows = _LOCK_ONE_USER.rows(pk=ids[0]) if one else list(_lock_users_query(ids))
     obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
     return {pk: _LockedUser(pk, active, agent) for pk, active, agent in rows}
 
@@ -260,9 +289,17 @@ def _lock_own_ticket_row(ticket_id: int) -> dict | None:
     that agent's tickets needs the same agent lock, so none can commit while this statement
     waits, and a stale join can only show a ticket that is not the caller's (a 404 either way).
     """
-    return ticket_rows(
-        tickets_with_holder().select_for_update(no_key=True, of=("self",)).filter(pk=ticket_id)
-    ).first()
+    rows = _LOCK_OWN_TICKET.rows(pk=ticket_id)
+    return dict(zip(_ROW_FIELDS, rows[0], strict=True)) if rows else None
+
+
+_ROW_FIELDS = (*TICKET_FIELDS, "assigned_to", "assigned_at")
+_LOCK_OWN_TICKET = Prepared(
+    lambda pk: ticket_rows(
+        tickets_with_holder().select_for_update(no_key=True, of=("self",)).filter(pk=pk)
+    ).values_list(*_ROW_FIELDS),
+    pk=int,
+)
 
 
 def _require_active_agent(locked: dict[int, _LockedUser], agent_id: int) -> None:
@@ -291,7 +328,7 @@ def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
     if role_checked:
         # An agent at the cap takes nothing: plain reads answer it, no lock, no transaction.
         # Only a change can exceed the cap, and every change locks.
-        held = list(held_assignments(agent_id))
+        held = held_assignments(agent_id)
         if len(held) >= cap:
             return held_tickets(agent_id, held)
     with transaction.atomic():

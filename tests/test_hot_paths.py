@@ -10,6 +10,7 @@ import json
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
+from django.db.models import Q
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from rest_framework.permissions import AllowAny
@@ -19,6 +20,7 @@ from rest_framework.test import APIRequestFactory
 from support import services
 from support.api.views import APIView
 from support.models import Ticket, TicketAssignment
+from support.prepared import Prepared
 from tests.conftest import create_tickets, create_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -150,7 +152,7 @@ def test_held_list_reads_only_the_held_rows_however_long_the_history():
     )
 
     for moment in ("stale statistics", "fresh statistics"):
-        held = services.held_assignments(agent.pk)
+        held = services.held_assignments_query(agent.pk)
         ids = [pk for pk, _ in held]
         tickets = Ticket.objects.filter(pk__in=ids).values(*services.TICKET_FIELDS)
         for query, index, table in (
@@ -191,3 +193,33 @@ def test_pool_pick_and_admin_page_read_their_indexes():
     scans = [n for n in nodes if n.get("Relation Name") == "support_ticket"]
     assert [n.get("Index Name") for n in scans] == ["ticket_newest_idx"], scans
     assert scans[0]["Actual Rows"] == 20
+
+
+# --- Prepared queries: the ORM's SQL, compiled once -------------------------------------------
+@pytest.mark.smoke
+def test_a_prepared_query_answers_what_the_orm_answers():
+    admin = create_user(staff=True)
+    agent = create_user(agent=True)
+    create_tickets(admin, 20)
+    services.tickets_top_up(agent_id=agent.pk)
+    for pk in (agent.pk, admin.pk, 0):
+        rows = services.held_assignments(pk)
+        assert rows == list(services.held_assignments_query(pk))
+    assert len(services.held_assignments(agent.pk)) == 15
+    # datetimes come back as the ORM gives them on either backend (converters applied)
+    assert all(at.tzinfo is not None for _, at in services.held_assignments(agent.pk))
+    # and the held rows equal a plain ORM read of the same tickets
+    expected = services.ticket_rows(
+        services.tickets_with_holder().filter(active__agent_id=agent.pk)
+    ).order_by("active__assigned_at", "id")
+    assert services.held_tickets(agent.pk) == list(expected)
+
+
+@pytest.mark.smoke
+def test_a_value_that_is_not_one_plain_parameter_is_refused():
+    twice = Prepared(
+        lambda pk: Ticket.objects.filter(Q(pk=pk) | Q(created_by_id=pk)).values_list("id"),
+        pk=int,
+    )
+    with pytest.raises(ValueError, match="not one plain SQL parameter"):
+        twice.rows(pk=1)

@@ -1,12 +1,38 @@
 """Token authentication and the two role permissions (no view here: DRF imports this early)."""
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
 from support.models import ApiToken
+from support.prepared import Prepared
 from support.services import is_agent_expr
 from support.tokens import key_hash
+
+User = get_user_model()
+
+
+def _token_query(key_hash: str):
+    return (
+        ApiToken.objects.filter(key_hash=key_hash)
+        .annotate(is_agent=is_agent_expr("user_id"))
+        .values_list(
+            "pk",
+            "expires_at",
+            "user_id",
+            "user__is_superuser",
+            "user__username",
+            "user__is_staff",
+            "user__is_active",
+            "is_agent",
+        )
+    )
+
+
+# Every API request runs it: compiled once per process (support.prepared).
+_TOKEN = Prepared(_token_query, key_hash=str)
+_USER_FIELDS = ["id", "is_superuser", "username", "is_staff", "is_active"]  # model order
 
 
 class TokenAuthentication(authentication.TokenAuthentication):
@@ -14,27 +40,29 @@ class TokenAuthentication(authentication.TokenAuthentication):
 
     One query finds the token by its key's hash, with its user and the user's agent role.
     It runs in the request's one worker-thread hop (``support.api.views.APIView``), before the
-    handler's own work, so this stays a plain sync authenticator.
+    handler's own work, so this stays a plain sync authenticator. The user comes back with the
+    fields the checks read; any other is loaded if asked for.
     """
 
     def authenticate_credentials(self, key):
         if not key.isascii() or not key.isalnum():
             # Keys are hex; anything else cannot match, and a NUL would be refused by PostgreSQL.
             raise exceptions.AuthenticationFailed("Invalid token.")
-        token = (
-            ApiToken.objects.select_related("user")
-            .annotate(is_agent=is_agent_expr("user_id"))
-            .filter(key_hash=key_hash(key))
-            .first()
-        )
-        if token is None:
+        rows = _TOKEN.rows(key_hash=key_hash(key))
+        if not rows:
             raise exceptions.AuthenticationFailed("Invalid token.")
-        if token.expires_at <= timezone.now():
+        token_id, expires_at, user_id, *user_values, is_agent = rows[0]
+        if expires_at <= timezone.now():
             raise exceptions.AuthenticationFailed("Token expired; log in again.")
-        if not token.user.is_active:
+        user = User.from_db("default", _USER_FIELDS, [user_id, *user_values])
+        if not user.is_active:
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
-        token.user.is_agent = token.is_agent
-        return token.user, token
+        user.is_agent = is_agent
+        token = ApiToken.from_db(
+            "default", ["id", "user_id", "expires_at"], [token_id, user_id, expires_at]
+        )
+        token.user = user
+        return user, token
 
 
 class IsAdmin(permissions.BasePermission):
