@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
@@ -13,6 +14,11 @@ urlpatterns = [
     path("api-auth/", include("rest_framework.urls")),
     path("metrics", MetricsView.as_view(), name="metrics"),
 ]
+
+if settings.SUPPORT_BENCH_ENDPOINTS:
+    from support.api.floor import FloorView
+
+    urlpatterns.append(path("bench/floor/", FloorView.as_view()))
 
 handler400 = "support.api.views_errors.bad_request"
 handler404 = "support.api.views_errors.not_found"

@@ -1,0 +1,186 @@
+"""Capture the SQL the service really sends per request, as pgbench scripts (the "own SQL").
+
+Run by the harness in its own process with ``DATABASE_URL`` set to the benchmark database.
+It makes each kind of request once through Django's test client (every statement of the
+request, authentication included, runs in this thread and is recorded by Django's query
+capture), then turns the recorded statements into pgbench scripts: the capture users' ids
+become the client's variables, the token hash becomes the same SQL hash expression the limit
+scripts use, and ids produced by one statement and used by a later one are carried with
+``\\gset``. Statements are replayed as the service sent them (same text, same round trips);
+the pool's per-checkout liveness check (an empty query) is replayed as ``SELECT 1``. The
+ids of the tickets the capture agent holds stay as captured where they are a list (the
+same number of primary-key probes).
+
+Prints one JSON object: {scenario: script text}.
+"""
+
+import json
+import os
+import re
+import sys
+from datetime import timedelta
+
+import django
+
+CAPTURE_AGENT = 900_001
+CAPTURE_ADMIN = 900_002
+TICKETS = range(900_000_001, 900_000_016)  # the 15 the capture agent holds
+PICKED = 900_000_016  # the one its churn fetch takes
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    django.setup()
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client()
+    _seed()
+
+    def run(method: str, path: str, user: int, body: dict | None = None) -> tuple[list, dict]:
+        headers = {"HTTP_AUTHORIZATION": f"Token {user:040d}"}
+        from django.db import connection
+
+        with CaptureQueriesContext(connection) as ctx:
+            if method == "GET":
+                response = client.get(path, **headers)
+            else:
+                response = client.post(path, body, content_type="application/json", **headers)
+        if response.status_code >= 300:
+            sys.exit(f"capture: {method} {path} answered {response.status_code}: {response.text}")
+        return [q["sql"] for q in ctx.captured_queries], response.json()
+
+    poll, held = run("GET", "/api/agent/tickets/", CAPTURE_AGENT)
+    assert len(held) == 15, held
+    moved = TICKETS[0]
+    resolve, _ = run(
+        "POST", "/api/agent/tickets/", CAPTURE_AGENT, {"ticket_id": moved, "status": "resolved"}
+    )
+    close, _ = run(
+        "POST", "/api/agent/tickets/", CAPTURE_AGENT, {"ticket_id": moved, "status": "closed"}
+    )
+    fetch, after = run("GET", "/api/agent/tickets/", CAPTURE_AGENT)
+    assert PICKED in {row["id"] for row in after}, after
+    admin_list, _ = run("GET", "/api/tickets/?page_size=20", CAPTURE_ADMIN)
+    admin_create, created = run(
+        "POST",
+        "/api/tickets/",
+        CAPTURE_ADMIN,
+        {
+            "title": "Printer on floor 1 is jammed",
+            "description": "Reported by phone.",
+            "priority": "normal",
+        },
+    )
+
+    agent = {CAPTURE_AGENT: ":agent_id", moved: ":ticket_id", PICKED: ":p_id"}
+    scripts = {
+        "poll": _script(poll, agent, "agent_id"),
+        "churn": "\n".join(
+            [
+                "\\if :phase = 0",
+                _script(fetch, agent, "agent_id", carry=True),
+                "\\set phase 1",
+                "\\elif :phase = 1",
+                _script(resolve, agent, "agent_id"),
+                "\\set phase 2",
+                "\\else",
+                _script(close, agent, "agent_id"),
+                "\\set phase 0",
+                "\\endif",
+            ]
+        ),
+        "admin-list": _script(admin_list, {CAPTURE_ADMIN: ":admin_id"}, "admin_id"),
+        "admin-create": _script(
+            admin_create, {CAPTURE_ADMIN: ":admin_id", created["id"]: ":c_id"}, "admin_id"
+        ),
+    }
+    print(json.dumps(scripts))
+
+
+def _seed() -> None:
+    """The capture users (an agent holding 15, an admin) and their tickets, idempotently."""
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+    from django.utils import timezone
+
+    from support import services
+    from support.models import ApiToken, Ticket, TicketAssignment
+    from support.tokens import key_hash
+
+    User = get_user_model()
+    now = timezone.now()
+    with transaction.atomic():
+        agent, _ = User.objects.get_or_create(id=CAPTURE_AGENT, defaults={"username": "capture"})
+        agent.groups.add(services.agents_group())
+        User.objects.get_or_create(
+            id=CAPTURE_ADMIN, defaults={"username": "capture-admin", "is_staff": True}
+        )
+        for user in (CAPTURE_AGENT, CAPTURE_ADMIN):
+            ApiToken.objects.get_or_create(
+                key_hash=key_hash(f"{user:040d}"),
+                defaults={"user_id": user, "expires_at": now + timedelta(days=7)},
+            )
+        TicketAssignment.objects.filter(agent_id=CAPTURE_AGENT).delete()
+        Ticket.objects.filter(id__gte=TICKETS[0]).delete()
+        Ticket.objects.bulk_create(
+            Ticket(
+                id=pk,
+                title=f"Capture {pk}",
+                status="assigned",
+                priority=1,
+                created_by_id=CAPTURE_ADMIN,
+                created_at=now,
+                updated_at=now,
+            )
+            for pk in TICKETS
+        )
+        TicketAssignment.objects.bulk_create(
+            TicketAssignment(ticket_id=pk, agent_id=CAPTURE_AGENT, assigned_at=now)
+            for pk in TICKETS
+        )
+        # First in pick order: the ticket the churn fetch takes.
+        Ticket.objects.create(
+            id=PICKED,
+            title="Capture pick",
+            priority=3,
+            created_by_id=CAPTURE_ADMIN,
+            created_at=now - timedelta(days=36500),
+        )
+
+
+_HASH = re.compile(r"'([0-9a-f]{64})'")
+
+
+def _script(statements: list[str], names: dict[int, str], user_var: str, carry=False) -> str:
+    """pgbench lines for one request's statements."""
+    lines = ["SELECT 1;  -- the pool's liveness check on checkout"]
+    for sql in statements:
+        sql = _HASH.sub(
+            f"encode(sha256(convert_to(lpad(CAST(:{user_var} AS text), 40, '0'), 'UTF8')), 'hex')",
+            sql,
+        )
+        sql = _outside_quotes(sql, names)
+        end = ";"
+        if "SKIP LOCKED" in sql:
+            end = "\n\\gset p_"  # the picked ticket's id, used by the update and inserts
+        elif carry and "ORDER BY" in sql and '"holding"' in sql:
+            end = "\n\\aset"  # the held assignments: :ticket_id = one, resolved next
+        elif 'INSERT INTO "support_ticket" ' in sql and "RETURNING" in sql:
+            end = "\n\\gset c_"  # the created ticket's id, used by its event
+        lines.append(" ".join(sql.split()) + end)
+    return "\n".join(lines)
+
+
+def _outside_quotes(sql: str, names: dict[int, str]) -> str:
+    """Replace whole numbers in ``names`` with pgbench variables, outside string literals
+    (a number inside a JSON literal stays as captured: pgbench does not substitute there)."""
+    parts = sql.split("'")
+    for i in range(0, len(parts), 2):  # even parts are outside quotes
+        for number, var in names.items():
+            parts[i] = re.sub(rf"(?<![\w.]){number}(?![\w.])", f"CAST({var} AS bigint)", parts[i])
+    return "'".join(parts)
+
+
+if __name__ == "__main__":
+    main()

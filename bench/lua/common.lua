@@ -1,0 +1,39 @@
+-- Shared by the wrk scripts: one connection per wrk thread (the harness runs -t N -c N), and
+-- each connection authenticates as its own user, whose token the harness seeded:
+-- key = the user's id, zero-padded to 40 digits. A JSON line with the figures ends the run.
+local M = {}
+
+local threads = {}
+local next_slot = 0
+
+function M.setup(thread)
+  thread:set("slot", next_slot)
+  next_slot = next_slot + 1
+  table.insert(threads, thread)
+end
+
+-- The user this connection acts as: the slot-th agent, or the admin.
+function M.user_id(slot)
+  local first = tonumber(os.getenv("BENCH_FIRST_AGENT"))
+  return first + slot
+end
+
+function M.admin_id()
+  return tonumber(os.getenv("BENCH_ADMIN_ID"))
+end
+
+function M.auth(user_id)
+  return "Token " .. string.format("%040d", user_id)
+end
+
+function M.done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, ' ..
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+
+return M

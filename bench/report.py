@@ -1,0 +1,229 @@
+"""The benchmark's report: markdown tables into docs/benchmarks.md, and the PNG plot.
+
+``python -m bench.report [docs/benchmarks.json]`` rewrites them from a saved run. The
+generated part of docs/benchmarks.md sits between two markers; the prose around it is kept.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+TARGETS = {"poll": 0.25, "churn": 0.25, "admin-list": 0.30, "admin-create": 0.25}
+SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+
+
+def write(data: dict, json_path: Path) -> None:
+    png = json_path.with_suffix(".png")
+    plot(data, png)
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{START}\n{tables(data, png.name)}\n{END}{tail}")
+
+
+def _find(results, scenario, target, concurrency, first_tickets=True):
+    rows = [
+        r
+        for r in results
+        if r["scenario"] == scenario and r["target"] == target and r["concurrency"] == concurrency
+    ]
+    return rows[0] if rows and first_tickets else (rows if rows else None)
+
+
+def tables(data: dict, png_name: str) -> str:
+    results = data["results"]
+    s = data["settings"]
+    m = data["machine"]
+    out = [
+        f"Run of {data['date']} at commit `{data['commit']}` on {m['cores']} cores "
+        f"({m['cpu']}), Python {m['python']}, PostgreSQL {s['postgresql']} "
+        f"({s['postgresql_settings']}). Service: {s['workers']} uvicorn workers, pool of "
+        f"{s['pool_size_per_worker']} connections per worker, LOG_LEVEL={s['log_level']}. "
+        f"{s['duration_s']:g} s per measured run after {s['warmup_s']:g} s of warm-up; "
+        f"{s['agents']} agents, {s['open_tickets']:,} open tickets. "
+        f"Whole run: {data['elapsed_s'] // 60} min {data['elapsed_s'] % 60} s.",
+        "",
+        "### Against the ceilings",
+        "",
+        "| scenario | conn | service req/s | p50 / p90 / p99 ms | non-2xx | limit req/s | "
+        "limit p99 ms | own SQL req/s | ÷ limit (target) | ÷ own SQL | p99 ÷ limit p99 | "
+        "PG sessions | app CPU ms/req |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    concurrencies = sorted({r["concurrency"] for r in results if r["target"] == "own-sql"})
+    for scenario in SCENARIOS:
+        for c in concurrencies:
+            svc = _find(results, scenario, "service", c)
+            lim = _find(results, scenario, "limit", c)
+            own = _find(results, scenario, "own-sql", c)
+            if not (svc and lim and own):
+                continue
+            ratio = svc["rps"] / lim["rps"] if lim["rps"] else 0
+            met = "✅" if ratio >= TARGETS[scenario] else "❌"
+            p99 = svc["p99_ms"] / lim["p99_ms"] if lim["p99_ms"] else 0
+            p99_met = "✅" if p99 <= 4 else "❌"
+            out.append(
+                f"| {scenario} | {c} | {svc['rps']:,.0f} | {svc['p50_ms']:.1f} / "
+                f"{svc['p90_ms']:.1f} / {svc['p99_ms']:.1f} | {svc['non2xx']} | "
+                f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | {own['rps']:,.0f} | "
+                f"{ratio:.2f} (≥ {TARGETS[scenario]:.2f}) {met} | "
+                f"{svc['rps'] / own['rps']:.2f} | {p99:.1f} {p99_met} | "
+                f"{svc['pg_sessions_peak']} | {svc['app_cpu_ms_per_request']:.2f} |"
+            )
+    floors = [r for r in results if r["target"] == "floor"]
+    if floors:
+        out += [
+            "",
+            "### The framework floor (`/bench/floor/`: no database)",
+            "",
+            "| conn | req/s | p50 / p99 ms | app CPU ms/req |",
+            "|---:|---:|---|---:|",
+        ]
+        for r in floors:
+            out.append(
+                f"| {r['concurrency']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} / "
+                f"{r['p99_ms']:.1f} | {r['app_cpu_ms_per_request']:.2f} |"
+            )
+    sweep = [
+        r
+        for r in results
+        if r["scenario"] in ("poll", "churn")
+        and r["target"] in ("service", "limit")
+        and _bucket(r["tickets"]) == 0
+    ]
+    if len({r["concurrency"] for r in sweep}) > 2:
+        out += [
+            "",
+            "### Concurrency sweep",
+            "",
+            f"![requests/s and p99 against concurrency]({png_name})",
+            "",
+            "| scenario | conn | service req/s | service p99 ms | limit req/s | limit p99 ms "
+            "| ÷ limit | PG sessions (service) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for scenario in ("poll", "churn"):
+            for c in sorted({r["concurrency"] for r in sweep}):
+                svc = _first(sweep, scenario, "service", c)
+                lim = _first(sweep, scenario, "limit", c)
+                if svc and lim:
+                    out.append(
+                        f"| {scenario} | {c} | {svc['rps']:,.0f} | {svc['p99_ms']:.1f} | "
+                        f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | "
+                        f"{svc['rps'] / lim['rps']:.2f} | {svc['pg_sessions_peak']} |"
+                    )
+    scale = _scale_rows(results)
+    if scale:
+        out += [
+            "",
+            "### Scale: the same work as history grows",
+            "",
+            "| scenario | conn | tickets in the table | service req/s | p50 / p99 ms | "
+            "÷ its figure at the smallest table (target ≥ 0.80) | limit req/s |",
+            "|---|---:|---:|---:|---|---|---:|",
+        ]
+        out += scale
+    return "\n".join(out)
+
+
+def _first(rows, scenario, target, c):
+    for r in rows:
+        if r["scenario"] == scenario and r["target"] == target and r["concurrency"] == c:
+            return r
+    return None
+
+
+def _scale_rows(results) -> list[str]:
+    rows = []
+    sizes = sorted({r["tickets"] // 10_000 for r in results if r["target"] == "service"})
+    if len(sizes) < 2:
+        return rows
+    for scenario in ("poll", "churn"):
+        for c in sorted({r["concurrency"] for r in results if r["target"] == "own-sql"}):
+            runs = [
+                r
+                for r in results
+                if r["scenario"] == scenario and r["target"] == "service" and r["concurrency"] == c
+            ]
+            limits = [
+                r
+                for r in results
+                if r["scenario"] == scenario and r["target"] == "limit" and r["concurrency"] == c
+            ]
+            # the first run at a size is the main one; the sweep reuses the smallest size
+            by_size: dict[int, dict] = {}
+            for r in runs:
+                by_size.setdefault(_bucket(r["tickets"]), r)
+            lim_by_size: dict[int, dict] = {}
+            for r in limits:
+                lim_by_size.setdefault(_bucket(r["tickets"]), r)
+            if len(by_size) < 2:
+                continue
+            base = by_size[min(by_size)]
+            for size in sorted(by_size):
+                r = by_size[size]
+                ratio = r["rps"] / base["rps"]
+                met = "✅" if ratio >= 0.8 else "❌"
+                lim = lim_by_size.get(size)
+                lim_rps = f"{lim['rps']:,.0f}" if lim else "-"
+                rows.append(
+                    f"| {scenario} | {c} | {r['tickets']:,} | {r['rps']:,.0f} | "
+                    f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {ratio:.2f} {met} | {lim_rps} |"
+                )
+    return rows
+
+
+def _bucket(tickets: int) -> int:
+    """Runs on the seeded table (grown a little by churn) share a bucket; each scale its own."""
+    for size in (1_000_000, 200_000):
+        if tickets >= size * 0.9:
+            return size
+    return 0
+
+
+def plot(data: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in data["results"] if _bucket(r["tickets"]) == 0]
+    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {
+        ("poll", "service"): ("tab:blue", "-"),
+        ("poll", "limit"): ("tab:blue", "--"),
+        ("churn", "service"): ("tab:orange", "-"),
+        ("churn", "limit"): ("tab:orange", "--"),
+    }
+    for (scenario, target), (color, line) in styles.items():
+        points = {}
+        for r in results:
+            if r["scenario"] == scenario and r["target"] == target:
+                points.setdefault(r["concurrency"], r)
+        if len(points) < 2:
+            continue
+        xs = sorted(points)
+        label = f"{scenario} {'service' if target == 'service' else 'limit (pgbench)'}"
+        ax_rps.plot(xs, [points[x]["rps"] for x in xs], line, color=color, marker="o", label=label)
+        ax_p99.plot(
+            xs, [points[x]["p99_ms"] for x in xs], line, color=color, marker="o", label=label
+        )
+    for ax, title in ((ax_rps, "requests/s"), (ax_p99, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent connections")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_p99.set_yscale("log")
+    ax_rps.legend(fontsize=8)
+    fig.suptitle(f"2 uvicorn workers vs. pgbench, same machine ({data['commit']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "benchmarks.json"
+    write(json.loads(path.read_text()), path)

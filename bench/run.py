@@ -1,0 +1,639 @@
+"""The benchmark: the service against PostgreSQL's own ceiling for the same work (bench/README.md).
+
+One process drives everything: a throwaway PostgreSQL with default settings, the schema, bulk
+seeding, the service under uvicorn, wrk for HTTP load, pgbench for the two SQL ceilings, the
+samplers (database sessions, CPU), and the report (JSON, markdown, PNG).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.pg_cluster import Cluster, free_port, start_cluster  # noqa: E402
+
+BENCH = ROOT / "bench"
+DB = "bench"
+APP_NAME = "support-tickets"
+SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+LUA = {
+    "poll": "poll",
+    "churn": "churn",
+    "admin-list": "admin_list",
+    "admin-create": "admin_create",
+    "floor": "floor",
+}
+# PostgreSQL as installed, but for what a benchmark on one machine needs: room for 256 pgbench
+# clients, and a port and socket of its own.
+PG_SETTINGS = {"max_connections": "300"}
+
+
+@dataclass
+class Result:
+    scenario: str
+    target: str  # service | limit | own-sql | floor
+    concurrency: int
+    tickets: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int
+    pg_sessions_peak: int
+    app_cpu_ms_per_request: float | None
+    cpu_busy: float  # the machine's CPU use during the run, 0..1
+
+
+# --- Database -------------------------------------------------------------------------------
+class Database:
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.url = cluster.url(DB)
+
+    def connect(self, **kwargs) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True, application_name="bench", **kwargs)
+
+    def execute(self, sql: str, params=None) -> list:
+        with self.connect() as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def scalar(self, sql: str, params=None):
+        return self.execute(sql, params)[0][0]
+
+
+def setup_database(cluster: Cluster, env: dict) -> Database:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {DB}")
+    db = Database(cluster)
+    run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env=env)
+    return db
+
+
+def seed(db: Database, agents: int) -> dict:
+    """The admin and ``agents`` agents, each with a token whose key is its id zero-padded to 40
+    digits (SHA-256 stored, as for any token); returns their ids."""
+    with db.connect() as conn:
+        admin = conn.execute(
+            "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name,"
+            " email, is_staff, is_active, date_joined)"
+            " VALUES ('!', true, 'bench-admin', '', '', '', true, true, now()) RETURNING id"
+        ).fetchone()[0]
+        first = conn.execute(
+            "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name,"
+            " email, is_staff, is_active, date_joined)"
+            " SELECT '!', false, format('bench-agent-%%s', g), '', '', '', false, true, now()"
+            " FROM generate_series(1, %s) g RETURNING id",
+            (agents,),
+        ).fetchall()[0][0]
+        conn.execute(
+            "INSERT INTO auth_user_groups (user_id, group_id)"
+            " SELECT u.id, g.id FROM auth_user u, auth_group g"
+            " WHERE u.username LIKE 'bench-agent-%%' AND g.name = 'agents'"
+        )
+        conn.execute(
+            "INSERT INTO support_apitoken (key_hash, user_id, created_at, expires_at)"
+            " SELECT encode(sha256(convert_to(lpad(id::text, 40, '0'), 'UTF8')), 'hex'), id,"
+            " now(), now() + interval '30 days' FROM auth_user WHERE username LIKE 'bench-%%'"
+        )
+    return {"admin": admin, "first_agent": first, "agents": agents}
+
+
+def refill_pool(db: Database, users: dict, open_target: int) -> None:
+    """Open tickets back up to ``open_target`` (churn and the ceilings consume them)."""
+    db.execute(
+        "INSERT INTO support_ticket (title, description, status, priority, created_at,"
+        " updated_at, created_by_id)"
+        " SELECT format('Seeded ticket %%s', g), 'Customer cannot log in after the update.',"
+        " 'open', (g * 7) %% 4, now() - (g || ' seconds')::interval, now(), %s"
+        " FROM generate_series(1, greatest(0, %s - (SELECT count(*) FROM support_ticket"
+        " WHERE status = 'open'))) g",
+        (users["admin"], open_target),
+    )
+
+
+def grow_history(db: Database, users: dict, total: int, history_agents: int) -> None:
+    """Closed tickets (with their assignment and events) until the table holds ``total``
+    tickets, spread over the first ``history_agents`` agents: a long-lived install."""
+    missing = total - db.scalar("SELECT count(*) FROM support_ticket")
+    if missing <= 0:
+        return
+    started = time.monotonic()
+    with db.connect() as conn:
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        conn.execute(
+            "CREATE TEMP TABLE new_closed AS"
+            " WITH t AS (INSERT INTO support_ticket (title, description, status, priority,"
+            "  created_at, updated_at, created_by_id)"
+            "  SELECT format('Old ticket %%s', g), 'Solved long ago.', 'closed', g %% 4,"
+            "   now() - interval '400 days' + (g || ' seconds')::interval,"
+            "   now() - interval '300 days', %s"
+            "  FROM generate_series(1, %s) g RETURNING id, created_at)"
+            " SELECT id, created_at, %s + (id %% %s)::int AS agent FROM t",
+            (users["admin"], missing, users["first_agent"], history_agents),
+        )
+        conn.execute(
+            "INSERT INTO support_ticketassignment"
+            " (ticket_id, agent_id, assigned_at, is_active, holding)"
+            " SELECT id, agent, created_at + interval '1 hour', true, false FROM new_closed"
+        )
+        conn.execute(
+            "INSERT INTO support_ticketevent (ticket_id, at, actor_id, kind, from_status,"
+            " to_status, agent_id, changes)"
+            " SELECT id, created_at, %s, 'created', '', 'open', NULL, '{}' FROM new_closed"
+            " UNION ALL SELECT id, created_at + interval '1 hour', agent, 'assigned', 'open',"
+            "  'assigned', agent, '{}' FROM new_closed"
+            " UNION ALL SELECT id, created_at + interval '2 hours', agent, 'status_changed',"
+            "  'assigned', 'resolved', agent, '{}' FROM new_closed"
+            " UNION ALL SELECT id, created_at + interval '3 hours', agent, 'status_changed',"
+            "  'resolved', 'closed', agent, '{}' FROM new_closed",
+            (users["admin"],),
+        )
+        conn.execute("ANALYZE")
+    log(f"history grown by {missing} closed tickets in {time.monotonic() - started:.0f} s")
+
+
+# --- The service ----------------------------------------------------------------------------
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(p) for p in fh.read().split()]
+    return found
+
+
+@contextmanager
+def serve(env: dict, workers: int, log_path: Path):
+    port = free_port()
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "project.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--lifespan",
+                "off",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(proc, port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start; see {log_path}")
+            time.sleep(0.2)
+        while workers > 1 and len(children(proc.pid)) < workers:
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def top_up_agents(server: Server, users: dict, count: int) -> None:
+    """One fetch per agent, so each holds the cap before a run (poll's precondition)."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for uid in range(users["first_agent"], users["first_agent"] + count):
+            response = client.get("/api/agent/tickets/", headers={"Authorization": token(uid)})
+            response.raise_for_status()
+
+
+def token(uid: int) -> str:
+    return f"Token {uid:040d}"
+
+
+# --- Measuring ------------------------------------------------------------------------------
+class Sampler:
+    """Peak client sessions on the benchmark database, and the machine's CPU use."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with self.db.connect() as conn:
+            while not self._stop.wait(0.05):
+                count = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND backend_type = 'client backend' AND application_name <> 'bench'",
+                    (DB,),
+                ).fetchone()[0]
+                self.peak = max(self.peak, count)
+                conn.execute("SELECT pg_stat_clear_snapshot()")
+
+    def __enter__(self):
+        self._cpu = cpu_times()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        busy, total = (a - b for a, b in zip(cpu_times(), self._cpu, strict=True))
+        self.cpu_busy = busy / total if total else 0.0
+
+
+def cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def process_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: dict) -> dict:
+    command = [
+        "wrk",
+        "-t",
+        str(concurrency),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(BENCH / "lua" / f"{LUA[scenario]}.lua"),
+        server.url,
+    ]
+    out = run(command, env={**os.environ, **env}, capture=True)
+    figures = json.loads(out.strip().splitlines()[-1])
+    seconds = figures["duration_us"] / 1e6
+    return {
+        "requests": figures["requests"],
+        "rps": figures["requests"] / seconds,
+        "p50_ms": figures["p50_us"] / 1000,
+        "p90_ms": figures["p90_us"] / 1000,
+        "p99_ms": figures["p99_us"] / 1000,
+        "non2xx": figures["non2xx"] + figures["socket_errors"],
+    }
+
+
+def pgbench(db: Database, script: str, concurrency: int, duration: float, users: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
+        path = Path(tmp) / "script.sql"
+        path.write_text(script)
+        command = [
+            shutil.which("pgbench") or "pgbench",
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            str(concurrency),
+            "-j",
+            str(min(concurrency, 2)),
+            "-T",
+            str(int(duration)),
+            "-D",
+            f"first_agent={users['first_agent']}",
+            "-D",
+            f"admin_id={users['admin']}",
+            "-D",
+            "phase=0",
+            "-D",
+            "id=0",
+            "-D",
+            "ticket_id=0",
+            "-l",
+            "--log-prefix",
+            f"{tmp}/log",
+            "-f",
+            str(path),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(db.cluster.port),
+            "-U",
+            db.cluster.user,
+            DB,
+        ]
+        env = {**os.environ, "PGPASSWORD": db.cluster.password, "PGAPPNAME": "pgbench"}
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode not in (0, 2) or "tps = " not in proc.stdout:
+            raise RuntimeError(f"pgbench failed:\n{proc.stdout}\n{proc.stderr}\n{script}")
+        latencies = []
+        for log_file in Path(tmp).glob("log*"):
+            for line in log_file.read_text().splitlines():
+                latencies.append(int(line.split()[2]))
+    failed = len(re.findall(r"client \d+ aborted", proc.stderr))
+    failed += (
+        int(m.group(1))
+        if (m := re.search(r"number of failed transactions: (\d+)", proc.stdout))
+        else 0
+    )
+    if failed:
+        log(f"pgbench: {failed} failures\n{proc.stderr[-2000:]}")
+    tps = float(re.search(r"tps = ([\d.]+)", proc.stdout).group(1))
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "rps": tps,
+        "p50_ms": percentile(latencies, 50) / 1000,
+        "p90_ms": percentile(latencies, 90) / 1000,
+        "p99_ms": percentile(latencies, 99) / 1000,
+        "non2xx": failed,
+    }
+
+
+def percentile(sorted_values: list[int], pct: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
+    return float(sorted_values[index])
+
+
+def expand(script: str) -> str:
+    """pgbench has no include: ``\\include name`` lines are replaced by bench/sql/<name>."""
+    return re.sub(
+        r"^\\include (\S+)$",
+        lambda m: (BENCH / "sql" / m.group(1)).read_text().strip(),
+        script,
+        flags=re.M,
+    )
+
+
+# --- The run --------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.results: list[Result] = []
+        self.log_path = Path(tempfile.mkstemp(prefix="bench-uvicorn-", suffix=".log")[1])
+
+    def measure(self, scenario, target, concurrency, runner, server) -> Result:
+        db, users = self.db, self.users
+        if scenario == "churn" or scenario == "poll":
+            refill_pool(db, users, self.args.open_tickets)
+            top_up_agents(server, users, max(concurrency, self.args.agents))
+        tickets = db.scalar("SELECT count(*) FROM support_ticket")
+        app = server.pids() if target in ("service", "floor") else None
+        before = process_cpu(app) if app else None
+        with Sampler(db) as sampler:
+            figures = runner()
+        app_cpu = None
+        if app and figures["requests"]:
+            app_cpu = (process_cpu(app) - before) * 1000 / figures["requests"]
+        result = Result(
+            scenario=scenario,
+            target=target,
+            concurrency=concurrency,
+            tickets=tickets,
+            pg_sessions_peak=sampler.peak,
+            app_cpu_ms_per_request=app_cpu,
+            cpu_busy=sampler.cpu_busy,
+            **figures,
+        )
+        self.results.append(result)
+        log(
+            f"{scenario:12} {target:8} c={concurrency:<3} tickets={tickets:<8}"
+            f" {result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:7.2f} ms"
+            f"  non-2xx {result.non2xx}  pg sessions {result.pg_sessions_peak}"
+            + (f"  app cpu {app_cpu:.2f} ms/req" if app_cpu is not None else "")
+        )
+        return result
+
+    def service(self, server, scenario, concurrency):
+        env = {
+            "BENCH_FIRST_AGENT": str(self.users["first_agent"]),
+            "BENCH_ADMIN_ID": str(self.users["admin"]),
+        }
+        if self.args.warmup:
+            wrk(server, scenario, concurrency, self.args.warmup, env)
+        return self.measure(
+            scenario,
+            "service" if scenario != "floor" else "floor",
+            concurrency,
+            lambda: wrk(server, scenario, concurrency, self.args.duration, env),
+            server,
+        )
+
+    def ceiling(self, server, scenario, concurrency, target):
+        script = self.limit[scenario] if target == "limit" else self.own[scenario]
+        if scenario in ("poll", "churn"):
+            script = "\\set agent_id :first_agent + :client_id\n" + script
+        return self.measure(
+            scenario,
+            target,
+            concurrency,
+            lambda: pgbench(self.db, script, concurrency, self.args.duration, self.users),
+            server,
+        )
+
+    def main(self) -> None:
+        args = self.args
+        started = time.monotonic()
+        cluster = start_cluster(PG_SETTINGS)
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "project.settings",
+            "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": "benchmark-only-" + "k" * 40,
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,testserver",
+            "DJANGO_SECURE_SSL_REDIRECT": "0",
+            "DATABASE_URL": cluster.url(DB),
+            "DB_POOL_MAX_SIZE": str(args.pool_size),
+            "LOG_LEVEL": args.log_level,
+            "SUPPORT_BENCH_ENDPOINTS": "1",
+            "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-"),
+        }
+        self.db = setup_database(cluster, env)
+        agents = max([args.agents, *args.sweep])
+        self.users = seed(self.db, agents)
+        refill_pool(self.db, self.users, args.open_tickets)
+        self.db.execute("VACUUM ANALYZE")
+        log(f"seeded {agents} agents, {args.open_tickets} open tickets")
+        self.own = json.loads(run([sys.executable, "-m", "bench.capture"], env=env, capture=True))
+        self.limit = {
+            name: expand((BENCH / "sql" / f"{LUA[name]}.sql").read_text()) for name in SCENARIOS
+        }
+        self.own = {k: expand(v) for k, v in self.own.items()}
+        self.pg_version = self.db.scalar("SHOW server_version")
+
+        with serve(env, args.workers, self.log_path) as server:
+            top_up_agents(server, self.users, agents)
+            for concurrency in args.concurrency:
+                self.service(server, "floor", concurrency)
+            for scenario in args.scenarios:
+                for concurrency in args.concurrency:
+                    self.service(server, scenario, concurrency)
+                    self.ceiling(server, scenario, concurrency, "limit")
+                    self.ceiling(server, scenario, concurrency, "own-sql")
+            for scenario in ("poll", "churn"):
+                if scenario not in args.scenarios:
+                    continue
+                for concurrency in args.sweep:
+                    if concurrency in args.concurrency:
+                        continue
+                    self.service(server, scenario, concurrency)
+                    self.ceiling(server, scenario, concurrency, "limit")
+            for total in args.scale:
+                grow_history(self.db, self.users, total, args.agents)
+                for scenario in ("poll", "churn"):
+                    for concurrency in args.concurrency:
+                        self.service(server, scenario, concurrency)
+                        self.ceiling(server, scenario, concurrency, "limit")
+        self.elapsed = time.monotonic() - started
+        cluster.stop()
+
+    def report(self) -> dict:
+        return {
+            "machine": machine(),
+            "commit": git("rev-parse", "--short", "HEAD")
+            + ("+dirty" if git("status", "--porcelain") else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "settings": {
+                "workers": self.args.workers,
+                "pool_size_per_worker": self.args.pool_size,
+                "duration_s": self.args.duration,
+                "warmup_s": self.args.warmup,
+                "agents": self.args.agents,
+                "open_tickets": self.args.open_tickets,
+                "postgresql": self.pg_version,
+                "postgresql_settings": "defaults, max_connections=300",
+                "log_level": self.args.log_level,
+            },
+            "elapsed_s": round(self.elapsed),
+            "results": [asdict(r) for r in self.results],
+        }
+
+
+def machine() -> dict:
+    model = "unknown"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def git(*args) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def run(command, env=None, capture=False) -> str:
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{command[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout if capture else ""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv=None):
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds before each service run")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pool-size", type=int, default=10, help="DB_POOL_MAX_SIZE per worker")
+    parser.add_argument("--agents", type=int, default=64)
+    parser.add_argument("--open-tickets", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=ints, default=[16, 64])
+    parser.add_argument("--sweep", type=ints, default=[1, 4, 16, 64, 256])
+    parser.add_argument("--scale", type=ints, default=[200_000, 1_000_000])
+    parser.add_argument("--scenarios", type=lambda t: t.split(","), default=list(SCENARIOS))
+    parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 s per run, no warm-up, no sweep, no scale",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.sweep, args.scale = 2, 0, [], []
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    bench = Bench(args)
+    bench.main()
+    data = bench.report()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    log(f"wrote {args.out} ({data['elapsed_s']} s)")
+    from bench import report
+
+    report.write(data, args.out)
+
+
+if __name__ == "__main__":
+    main()
