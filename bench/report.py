@@ -115,6 +115,20 @@ def tables(data: dict, png_name: str) -> str:
                         f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | "
                         f"{svc['rps'] / lim['rps']:.2f} | {svc['pg_sessions_peak']} |"
                     )
+    for scenario, prof in data.get("profiles", {}).items():
+        out += [
+            "",
+            f"### Profile: `{scenario}`, {prof['concurrency']} connections",
+            "",
+            f"py-spy, {prof['seconds']:g} s on one of the two workers "
+            f"({prof['rps_while_sampled']} req/s while sampled). Share of the worker's "
+            "samples with the function anywhere on the stack (chains of wrappers shown "
+            "once):",
+            "",
+            "| share | function |",
+            "|---:|---|",
+        ]
+        out += [f"| {row['share']:.1%} | `{row['function']}` |" for row in prof["top"]]
     scale = _scale_rows(results)
     if scale:
         out += [

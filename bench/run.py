@@ -116,7 +116,17 @@ def seed(db: Database, agents: int) -> dict:
 
 
 def refill_pool(db: Database, users: dict, open_target: int) -> None:
-    """Open tickets back up to ``open_target`` (churn and the ceilings consume them)."""
+    """Exactly ``open_target`` open tickets again: churn and the top-ups consume them, ticket
+    creation adds to them (the newest surplus is deleted with its events)."""
+    db.execute(
+        "WITH surplus AS (DELETE FROM support_ticket WHERE id IN (SELECT id FROM support_ticket"
+        " WHERE status = 'open' ORDER BY id DESC LIMIT greatest(0, (SELECT count(*)"
+        " FROM support_ticket WHERE status = 'open') - %s)) RETURNING id),"
+        " history AS (DELETE FROM support_ticketassignment"
+        "  WHERE ticket_id IN (SELECT id FROM surplus))"
+        " DELETE FROM support_ticketevent WHERE ticket_id IN (SELECT id FROM surplus)",
+        (open_target,),
+    )
     db.execute(
         "INSERT INTO support_ticket (title, description, status, priority, created_at,"
         " updated_at, created_by_id)"
@@ -182,6 +192,18 @@ class Server:
     def pids(self) -> list[int]:
         return [self.proc.pid, *children(self.proc.pid)]
 
+    def workers(self) -> list[int]:
+        """The uvicorn workers (multiprocessing's spawned children, not its resource tracker)."""
+        found = []
+        for pid in children(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if b"spawn_main" in fh.read():
+                        found.append(pid)
+            except OSError:
+                continue
+        return found
+
 
 def children(pid: int) -> list[int]:
     found = []
@@ -229,7 +251,7 @@ def serve(env: dict, workers: int, log_path: Path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the service did not start; see {log_path}")
             time.sleep(0.2)
-        while workers > 1 and len(children(proc.pid)) < workers:
+        while workers > 1 and len(server.workers()) < workers:
             time.sleep(0.2)
         yield server
     finally:
@@ -315,7 +337,7 @@ def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: d
         "-c",
         str(concurrency),
         "-d",
-        f"{duration}s",
+        f"{round(duration)}s",
         "--timeout",
         "30s",
         "-s",
@@ -423,12 +445,13 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.results: list[Result] = []
+        self.profiles: dict[str, dict] = {}
         self.log_path = Path(tempfile.mkstemp(prefix="bench-uvicorn-", suffix=".log")[1])
 
     def measure(self, scenario, target, concurrency, runner, server) -> Result:
         db, users = self.db, self.users
+        refill_pool(db, users, self.args.open_tickets)
         if scenario == "churn" or scenario == "poll":
-            refill_pool(db, users, self.args.open_tickets)
             top_up_agents(server, users, max(concurrency, self.args.agents))
         tickets = db.scalar("SELECT count(*) FROM support_ticket")
         app = server.pids() if target in ("service", "floor") else None
@@ -484,6 +507,35 @@ class Bench:
             server,
         )
 
+    def profile(self, server, scenario, concurrency, seconds) -> None:
+        """py-spy on one worker during an extra run (not one of the measured ones)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from bench import profile
+
+        refill_pool(self.db, self.users, self.args.open_tickets)
+        top_up_agents(server, self.users, max(concurrency, self.args.agents))
+        env = {
+            "BENCH_FIRST_AGENT": str(self.users["first_agent"]),
+            "BENCH_ADMIN_ID": str(self.users["admin"]),
+        }
+        worker = server.workers()[0]
+        with ThreadPoolExecutor(1) as pool:
+            load = pool.submit(wrk, server, scenario, concurrency, seconds + 3, env)
+            time.sleep(1.5)
+            top = profile.record(worker, seconds)
+            figures = load.result()
+        self.profiles[scenario] = {
+            "concurrency": concurrency,
+            "seconds": seconds,
+            "rps_while_sampled": round(figures["rps"]),
+            "top": top,
+        }
+        log(
+            f"profiled {scenario}: "
+            + "; ".join(f"{row['share']:.0%} {row['function']}" for row in top[:6])
+        )
+
     def main(self) -> None:
         args = self.args
         started = time.monotonic()
@@ -531,6 +583,12 @@ class Bench:
                         continue
                     self.service(server, scenario, concurrency)
                     self.ceiling(server, scenario, concurrency, "limit")
+            if args.profile:
+                for scenario in ("poll", "churn"):
+                    try:
+                        self.profile(server, scenario, 16, args.profile)
+                    except Exception as exc:  # a profile is a note, not a measurement
+                        log(f"profiling {scenario} failed: {exc!r}")
             for total in args.scale:
                 grow_history(self.db, self.users, total, args.agents)
                 for scenario in ("poll", "churn"):
@@ -559,6 +617,7 @@ class Bench:
             },
             "elapsed_s": round(self.elapsed),
             "results": [asdict(r) for r in self.results],
+            "profiles": self.profiles,
         }
 
 
@@ -610,6 +669,12 @@ def parse_args(argv=None):
     parser.add_argument("--scale", type=ints, default=[200_000, 1_000_000])
     parser.add_argument("--scenarios", type=lambda t: t.split(","), default=list(SCENARIOS))
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=None,
+        help="seconds of py-spy on one worker for poll and churn (0: none)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
     parser.add_argument(
         "--quick",
@@ -619,6 +684,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.sweep, args.scale = 2, 0, [], []
+    if args.profile is None:
+        args.profile = 0 if args.quick else 10
     return args
 
 
