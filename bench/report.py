@@ -231,6 +231,7 @@ def plot(data: dict, png: Path) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     ax_p99.set_yscale("log")
+    ax_rps.set_yscale("log")  # the service and its ceiling differ by an order of magnitude
     ax_rps.legend(fontsize=8)
     fig.suptitle(f"2 uvicorn workers vs. pgbench, same machine ({data['commit']})", fontsize=10)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark (bench/README.md): installs what it needs, then runs bench/run.py.
-#   bash bench/run.sh            # the full run (about 20 minutes), writes docs/benchmarks.*
+#   bash bench/run.sh            # the full run (about 15 minutes), writes docs/benchmarks.*
 #   bash bench/run.sh --quick    # a smoke run: 2 s per scenario, no sweep, no scale
 set -euo pipefail
 cd "$(dirname "$0")/.."
