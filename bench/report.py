@@ -9,19 +9,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TARGETS = {"poll": 0.25, "churn": 0.25, "admin-list": 0.30, "admin-create": 0.25}
 SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
 
 
 def write(data: dict, json_path: Path) -> None:
-    png = json_path.with_suffix(".png")
+    """The plot and the markdown next to the JSON (docs/benchmarks.{png,md} for the default)."""
+    png, doc = json_path.with_suffix(".png"), json_path.with_suffix(".md")
     plot(data, png)
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{START}\n{tables(data, png.name)}\n{END}{tail}")
+    doc.write_text(f"{head}{START}\n{tables(data, png.name)}\n{END}{tail}")
 
 
 def _find(results, scenario, target, concurrency, first_tickets=True):

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.pg_cluster import Cluster, free_port, start_cluster  # noqa: E402
+from tests.pg_cluster import Cluster, _find_bin, free_port, start_cluster  # noqa: E402
 
 BENCH = ROOT / "bench"
 DB = "bench"
@@ -362,7 +361,7 @@ def pgbench(db: Database, script: str, concurrency: int, duration: float, users:
         path = Path(tmp) / "script.sql"
         path.write_text(script)
         command = [
-            shutil.which("pgbench") or "pgbench",
+            _find_bin("pgbench"),
             "-n",
             "-M",
             "prepared",

@@ -17,9 +17,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if ! command -v pgbench >/dev/null; then
-    PATH="$(dirname "$(compgen -G "/usr/lib/postgresql/*/bin/pgbench" | sort | tail -1)"):$PATH"
-fi
 # As root, the throwaway cluster runs as the postgres user.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     useradd --system --no-create-home postgres

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv test
+ensure_venv "test,bench"
 
 # PostgreSQL server binaries (initdb, pg_ctl) for the throwaway test cluster.
 if ! command -v pg_ctl >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
@@ -11,11 +11,13 @@ if ! command -v pg_ctl >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/pg_
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
-# Debian's nginx (the deployment test) and chromium (the admin-site browser test; Playwright
-# drives it with executable_path=/usr/bin/chromium and downloads no browser of its own).
+# Debian's nginx (the deployment test), chromium (the admin-site browser test; Playwright
+# drives it with executable_path=/usr/bin/chromium and downloads no browser of its own) and
+# wrk (the benchmark's smoke test).
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v wrk >/dev/null || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing ${missing[*]} (apt-get)..."
     apt-get update -qq
