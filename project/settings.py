@@ -219,8 +219,8 @@ SILENCED_SYSTEM_CHECKS = [
     # HSTS preload lists are an opt-in of the domain's owner: DJANGO_SECURE_HSTS_PRELOAD=1.
     "security.W021",
     # These three look for Django's own middleware by dotted path; MIDDLEWARE holds subclasses
-    # of them (support/middleware.py), and support.checks warns, as they would, when one is
-    # missing.
+    # of them (support/middleware.py), and support.checks runs Django's middleware checks
+    # again as if it named the originals.
     "security.W001",
     "security.W002",
     "security.W003",

@@ -27,8 +27,7 @@ from django.contrib.admin.utils import display_for_value
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db import IntegrityError
-from django.db.models import Count, F, OuterRef, Q, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models import F, Q
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseRedirect
 from django.urls import reverse
@@ -53,15 +52,8 @@ class AgentChoiceField(forms.ModelChoiceField):
 def agent_choices(*, holder_id: int | None):
     """Active agents with their load, and the current holder even if no longer one (a resolved
     or closed ticket keeps a deactivated agent as its record), so an untouched field validates."""
-    load = Count(
-        "ticket_assignments",
-        filter=Q(
-            ticket_assignments__is_active=True,
-            ticket_assignments__ticket__status=Status.ASSIGNED,
-        ),
-    )
     return (
-        User.objects.annotate(is_agent=services.is_agent_expr(), load=load)
+        User.objects.annotate(is_agent=services.is_agent_expr(), load=services.held_count())
         .filter(Q(is_active=True, is_agent=True) | Q(pk=holder_id))
         .order_by("username")
     )
@@ -426,21 +418,12 @@ class UserAdmin(DjangoUserAdmin):
     actions = ("deactivate_agents",)
 
     def get_queryset(self, request):
-        held = (
-            TicketAssignment.objects.filter(
-                agent_id=OuterRef("pk"), is_active=True, ticket__status=Status.ASSIGNED
-            )
-            .order_by()
-            .values("agent_id")
-            .annotate(n=Count("id"))
-            .values("n")
-        )
         return (
             super()
             .get_queryset(request)
             .annotate(
                 _is_agent=services.is_agent_expr(),
-                _assigned_count=Coalesce(Subquery(held), Value(0)),
+                _assigned_count=services.held_count(),
             )
         )
 

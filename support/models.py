@@ -72,7 +72,7 @@ class TicketAssignment(models.Model):
     # A copy of the ticket's status, kept by support.services in the same transaction as every
     # status change, so that "what do I hold" is read from one small index however many
     # resolved and closed tickets the agent has worked.
-    holding = models.BooleanField(default=True)
+    holding = models.BooleanField(default=True, db_default=True)
 
     class Meta:
         constraints = [

@@ -14,6 +14,7 @@ from threading import Lock
 
 from django.db import connections
 from django.db.models import QuerySet
+from django.db.transaction import TransactionManagementError
 
 # A marker per parameter type: a value no request carries, found again in the params list.
 _MARKERS = {str: "\x1fprepared-marker-{}\x1f", int: -987_654_300}
@@ -46,20 +47,39 @@ class Prepared:
             slots[name] = where[0]
         fields = [column[0] for column in compiler.select[: compiler.col_count]]
         converters = compiler.get_converters(fields)
-        return sql, params, slots, compiler, converters
+        locks = bool(queryset.query.select_for_update)
+        return sql, params, slots, converters, locks
 
     def rows(self, using: str = "default", **values) -> list[tuple]:
         compiled = self._compiled.get(using)
         if compiled is None:
             with self._lock:
-                compiled = self._compiled.setdefault(using, self._compile(using))
-        sql, params, slots, compiler, converters = compiled
+                compiled = self._compiled.get(using) or self._compiled.setdefault(
+                    using, self._compile(using)
+                )
+        sql, params, slots, converters, locks = compiled
+        connection = connections[using]
+        if locks and connection.get_autocommit():
+            # what the ORM says at compile time, said again for every run
+            raise TransactionManagementError(
+                "select_for_update cannot be used outside of a transaction."
+            )
         params = list(params)
         for name, index in slots.items():
             params[index] = values[name]
-        with connections[using].cursor() as cursor:
+        with connection.cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        if converters:
-            rows = [tuple(row) for row in compiler.apply_converters(rows, converters)]
-        return rows
+        if not converters:
+            return rows
+        # the compiler's converters, called with this thread's connection
+        converted = []
+        for row in rows:
+            row = list(row)
+            for position, (functions, expression) in converters.items():
+                value = row[position]
+                for convert in functions:
+                    value = convert(value, expression, connection)
+                row[position] = value
+            converted.append(tuple(row))
+        return converted

@@ -24,7 +24,17 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Exists, F, FilteredRelation, OuterRef, Q, QuerySet
+from django.db.models import (
+    Count,
+    Exists,
+    F,
+    FilteredRelation,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+)
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from support import observability as obs
@@ -169,9 +179,11 @@ def held_tickets(agent_id: int, held: list | None = None) -> list[dict]:
     """The tickets ``agent_id`` holds in status assigned, as rows, in answer order.
 
     Two reads on purpose (``held`` is the first, when the caller has it): the assignments from
-    their index, then those tickets by primary key. As one join, PostgreSQL can choose a merge
-    join that walks the ticket table along its primary key once the assignments' statistics
-    lag behind fast churn (every new assignment names a ticket newer than they know).
+    their index, then those tickets by primary key, each with its active assignment, kept only
+    if that still names this agent and holds. As one join driven by the agent, PostgreSQL can
+    choose a merge join that walks the ticket table along its primary key once the
+    assignments' statistics lag behind fast churn (every new assignment names a ticket newer
+    than they know); driven by the primary keys, it cannot.
     """
     if held is None:
         held = held_assignments(agent_id)
@@ -180,34 +192,36 @@ def held_tickets(agent_id: int, held: list | None = None) -> list[dict]:
     ids = [pk for pk, _ in held]
     if len(ids) <= _BY_ID_SLOTS:  # one prepared statement, unused slots 0 (no such ticket)
         padded = ids + [0] * (_BY_ID_SLOTS - len(ids))
-        found = _TICKETS_BY_ID.rows(**dict(zip(_SLOT_NAMES, padded, strict=True)))
+        found = _HELD_BY_ID.rows(agent_id=agent_id, **dict(zip(_SLOT_NAMES, padded, strict=True)))
     else:
-        found = Ticket.objects.filter(pk__in=ids).values_list(*TICKET_FIELDS)
-    tickets = {row[0]: dict(zip(TICKET_FIELDS, row, strict=True)) for row in found}
+        found = _held_by_id(agent_id, *ids)
+    tickets = {row[0]: dict(zip(_ROW_FIELDS, row, strict=True)) for row in found}
     return [
-        {**tickets[pk], "assigned_to": agent_id, "assigned_at": at}
-        for pk, at in held
-        if pk in tickets and tickets[pk]["status"] == Status.ASSIGNED
+        tickets[pk] for pk, _ in held if pk in tickets and tickets[pk]["status"] == Status.ASSIGNED
     ]
 
 
-# The held tickets by primary key only (a status condition here lets the planner prefer the
-# status index), prepared with room for the default cap.
+def _held_by_id(agent_id: int, *ids: int) -> QuerySet:
+    # by primary key, not by status: a status condition lets the planner prefer the status index
+    return ticket_rows(
+        tickets_with_holder().filter(pk__in=ids, active__agent_id=agent_id, active__holding=True)
+    ).values_list(*_ROW_FIELDS)
+
+
+# prepared with room for the default cap
 _BY_ID_SLOTS = 15
 _SLOT_NAMES = [f"t{n}" for n in range(_BY_ID_SLOTS)]
-_TICKETS_BY_ID = Prepared(
-    lambda **ids: Ticket.objects.filter(pk__in=list(ids.values())).values_list(*TICKET_FIELDS),
+_HELD_BY_ID = Prepared(
+    lambda agent_id, **ids: _held_by_id(agent_id, *ids.values()),
+    agent_id=int,
     **dict.fromkeys(_SLOT_NAMES, int),
 )
 
 
-def newest_tickets(start: int, size: int) -> tuple[int, list[dict]]:
-    """The admin list without filters: how many tickets, and a page of them, newest first.
-
-    The common case (a dashboard's first page) runs statements compiled once per page size;
-    the count reads the ticket table alone.
-    """
-    count = Ticket.objects.count()
+def newest_tickets(start: int, size: int) -> list[dict]:
+    """A page of the admin list without filters, newest first (count them with
+    ``Ticket.objects.count()``, the ticket table alone). The common case, a dashboard's first
+    page, runs a statement compiled once per page size."""
     if start == 0:
         prepared = _FIRST_PAGES.get(size)
         if prepared is None:
@@ -215,7 +229,7 @@ def newest_tickets(start: int, size: int) -> tuple[int, list[dict]]:
         rows = prepared.rows()
     else:
         rows = _newest()[start : start + size]
-    return count, [dict(zip(_ROW_FIELDS, row, strict=True)) for row in rows]
+    return [dict(zip(_ROW_FIELDS, row, strict=True)) for row in rows]
 
 
 def _newest() -> QuerySet:
@@ -226,19 +240,24 @@ def _newest() -> QuerySet:
 _FIRST_PAGES: dict[int, Prepared] = {}  # by page size (at most 100 sizes)
 
 
+def held_count(user_ref: str = "pk"):
+    """How many tickets the user the outer row names holds in status assigned: a count over
+    assignment_agent_holding_idx (the user's history is not read)."""
+    held = (
+        TicketAssignment.objects.filter(agent_id=OuterRef(user_ref), is_active=True, holding=True)
+        .order_by()
+        .values("agent_id")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return Coalesce(Subquery(held), 0)
+
+
 def agents_with_load() -> QuerySet:
     """Every agent (active or not) with how many tickets it holds in status assigned."""
     return (
         User.objects.filter(groups__name=settings.SUPPORT_AGENTS_GROUP)
-        .annotate(
-            assigned_count=Count(
-                "ticket_assignments",
-                filter=Q(
-                    ticket_assignments__is_active=True,
-                    ticket_assignments__ticket__status=Status.ASSIGNED,
-                ),
-            )
-        )
+        .annotate(assigned_count=held_count())
         .order_by("pk")
         .values("id", "username", "email", "is_active", "assigned_count")
     )
@@ -352,10 +371,14 @@ def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
     cap = settings.SUPPORT_AGENT_MAX_TICKETS
     if role_checked:
         # An agent at the cap takes nothing: plain reads answer it, no lock, no transaction.
-        # Only a change can exceed the cap, and every change locks.
+        # Only a change can exceed the cap, and every change locks. The second read finds
+        # every ticket of the first still held, or the answer comes from the locked path
+        # below: with the cap, all of them still held means the held set at that moment.
         held = held_assignments(agent_id)
         if len(held) >= cap:
-            return held_tickets(agent_id, held)
+            rows = held_tickets(agent_id, held)
+            if len(rows) == len(held):
+                return rows
     with transaction.atomic():
         _require_active_agent(_lock_users([agent_id]), agent_id)
         held = held_tickets(agent_id)

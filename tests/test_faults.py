@@ -649,8 +649,18 @@ def test_clients_that_disconnect_mid_request_leave_no_transaction_open_and_no_co
         time.sleep(0.5)
         locker.execute("ROLLBACK")
 
-        # room for one more again (the requests above may have filled it): the next fetch
-        # must take the agent's row, not answer from the plain read an agent at the cap gets
+        # the abandoned requests go on once the lock is gone (each may top the agent up):
+        # wait until the app has finished them all
+        deadline = time.monotonic() + 15
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:
+            if any(s["state"] != "idle" for s in app_sessions(locker)):
+                quiet_since = time.monotonic()
+            assert time.monotonic() < deadline, "the app kept working on abandoned requests"
+            time.sleep(0.05)
+
+        # then room for one more: the next fetch must take the agent's row, not answer from
+        # the plain reads an agent at the cap gets
         async def make_room():
             async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as client:
                 c = await fetch(client, calls, agent)

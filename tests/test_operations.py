@@ -39,6 +39,22 @@ def test_deploy_check_passes_with_production_settings(tmp_path):
     assert "no issues" in result.stdout
 
 
+@pytest.mark.smoke
+def test_deploy_check_still_sees_through_the_middleware_subclasses(tmp_path):
+    """MIDDLEWARE lists subclasses of Django's middleware; Django's own deploy checks (HSTS, SSL
+    redirect, ...) must still run on them."""
+    env = {
+        **PROD_ENV,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "DJANGO_SECURE_HSTS_SECONDS": "0",
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
+    }
+    result = _run([sys.executable, "manage.py", "check", "--deploy"], env)
+    assert "security.W004" in result.stderr, result.stderr
+    assert "security.W008" in result.stderr, result.stderr
+    assert "security.W001" not in result.stderr  # the subclass is installed
+
+
 def test_production_settings_refuse_to_start_without_a_secret_key(tmp_path):
     env = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "", "DATABASE_URL": "sqlite:///x.db"}
     result = _run([sys.executable, "manage.py", "check"], env)

@@ -72,18 +72,22 @@ class TicketListView(APIView):
     def _list(self, request):
         page, size = _page_params(request)
         start = (page - 1) * size
-        if any(name in TicketFilter.base_filters for name in request.query_params):
+        filtered = any(name in TicketFilter.base_filters for name in request.query_params)
+        if filtered:
             filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
             if not filterset.is_valid():
                 raise exceptions.ValidationError(filterset.errors)
             queryset = filterset.qs
             count = queryset.count()
-            rows = services.ticket_rows(queryset)[start : start + size]
-        else:  # no filter: no FilterSet to build, and prepared statements
-            count, rows = services.newest_tickets(start, size)
+        else:  # no filter: no FilterSet to build; the page is a prepared statement
+            count = Ticket.objects.count()
         last = max(1, -(-count // size))
         if page > last:
             raise exceptions.NotFound("Invalid page.")
+        if filtered:
+            rows = services.ticket_rows(queryset)[start : start + size]
+        else:
+            rows = services.newest_tickets(start, size)
         return Response(
             {
                 "count": count,

@@ -27,8 +27,8 @@ class APIView(views.APIView):
 
     async def in_thread(self, work, *args, **kwargs):
         def checks_then_work():
+            self._checked = True  # the checks ran (or are raising their 401/403/429 now)
             self.initial(self.request, *self.args, **self.kwargs)
-            self._checked = True
             return work(*args, **kwargs)
 
         return await sync_to_async(checks_then_work)()
@@ -47,11 +47,14 @@ class APIView(views.APIView):
             if handler is None:
                 handler = self.http_method_not_allowed
             if iscoroutinefunction(handler):
-                response = await handler(request, *args, **kwargs)
-                if not self._checked:
-                    raise ImproperlyConfigured(
-                        f"{type(self).__name__}.{method} answered without in_thread()"
-                    )
+                try:
+                    response = await handler(request, *args, **kwargs)
+                finally:
+                    # an answer, or an error, from a handler that skipped the checks
+                    if not self._checked:
+                        raise ImproperlyConfigured(
+                            f"{type(self).__name__}.{method} answered without in_thread()"
+                        )
             else:  # DRF's own sync handlers: OPTIONS, 405
                 response = await self.in_thread(handler, request, *args, **kwargs)
         except Exception as exc:

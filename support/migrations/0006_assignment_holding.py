@@ -28,7 +28,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='ticketassignment',
             name='holding',
-            field=models.BooleanField(default=True),
+            field=models.BooleanField(default=True, db_default=True),
         ),
         migrations.RunPython(mark_holding, migrations.RunPython.noop),
         migrations.AlterField(
