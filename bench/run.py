@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.pg_cluster import Cluster, _find_bin, free_port, start_cluster  # noqa: E402
+from tests.pg_cluster import Cluster, _find_bin, start_cluster  # noqa: E402
+from tests.servers import Server, children, run_uvicorn  # noqa: E402
 
 BENCH = ROOT / "bench"
 DB = "bench"
@@ -179,92 +179,9 @@ def grow_history(db: Database, users: dict, total: int, history_agents: int) -> 
 
 
 # --- The service ----------------------------------------------------------------------------
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *children(self.proc.pid)]
-
-    def workers(self) -> list[int]:
-        """The uvicorn workers (multiprocessing's spawned children, not its resource tracker)."""
-        found = []
-        for pid in children(self.proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    if b"spawn_main" in fh.read():
-                        found.append(pid)
-            except OSError:
-                continue
-        return found
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            found += [int(p) for p in fh.read().split()]
-    return found
-
-
-@contextmanager
-def serve(env: dict, workers: int, log_path: Path):
-    port = free_port()
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-                "--lifespan",
-                "off",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(proc, port)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start; see {log_path}")
-            time.sleep(0.2)
-        while workers > 1 and len(server.workers()) < workers:
-            time.sleep(0.2)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
 def top_up_agents(server: Server, users: dict, count: int) -> None:
     """One fetch per agent, so each holds the cap before a run (poll's precondition)."""
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
         for uid in range(users["first_agent"], users["first_agent"] + count):
             response = client.get("/api/agent/tickets/", headers={"Authorization": token(uid)})
             response.raise_for_status()
@@ -341,7 +258,7 @@ def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: d
         "30s",
         "-s",
         str(BENCH / "lua" / f"{LUA[scenario]}.lua"),
-        server.url,
+        server.base_url,
     ]
     out = run(command, env={**os.environ, **env}, capture=True)
     figures = json.loads(out.strip().splitlines()[-1])
@@ -445,7 +362,6 @@ class Bench:
         self.args = args
         self.results: list[Result] = []
         self.profiles: dict[str, dict] = {}
-        self.log_path = Path(tempfile.mkstemp(prefix="bench-uvicorn-", suffix=".log")[1])
 
     def measure(self, scenario, target, concurrency, runner, server) -> Result:
         db, users = self.db, self.users
@@ -456,7 +372,8 @@ class Bench:
         # running in the middle of one run and not of the other does not decide a ratio
         db.execute("VACUUM ANALYZE support_ticket, support_ticketassignment")
         tickets = db.scalar("SELECT count(*) FROM support_ticket")
-        app = server.pids() if target in ("service", "floor") else None
+        # the uvicorn processes: the supervisor and all it started
+        app = [server.pid, *children(server.pid)] if target in ("service", "floor") else None
         before = process_cpu(app) if app else None
         with Sampler(db) as sampler:
             figures = runner()
@@ -521,7 +438,7 @@ class Bench:
             "BENCH_FIRST_AGENT": str(self.users["first_agent"]),
             "BENCH_ADMIN_ID": str(self.users["admin"]),
         }
-        worker = server.workers()[0]
+        worker = server.worker_pids()[0]
         with ThreadPoolExecutor(1) as pool:
             load = pool.submit(wrk, server, scenario, concurrency, seconds + 3, env)
             time.sleep(1.5)
@@ -550,6 +467,7 @@ class Bench:
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,testserver",
             "DJANGO_SECURE_SSL_REDIRECT": "0",
             "DATABASE_URL": cluster.url(DB),
+            "DB_POOL_MIN_SIZE": "1",
             "DB_POOL_MAX_SIZE": str(args.pool_size),
             "LOG_LEVEL": args.log_level,
             "SUPPORT_BENCH_ENDPOINTS": "1",
@@ -568,7 +486,7 @@ class Bench:
         self.own = {k: expand(v) for k, v in self.own.items()}
         self.pg_version = self.db.scalar("SHOW server_version")
 
-        with serve(env, args.workers, self.log_path) as server:
+        with run_uvicorn(workers=args.workers, env=env) as server:
             top_up_agents(server, self.users, agents)
             for concurrency in args.concurrency:
                 self.service(server, "floor", concurrency)
