@@ -5,12 +5,8 @@ cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv "test,bench"
 
-# PostgreSQL server binaries (initdb, pg_ctl) for the throwaway test cluster.
-if ! command -v pg_ctl >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
-    echo "Installing PostgreSQL server binaries (apt-get)..."
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-fi
+source scripts/system.sh
+ensure_postgresql
 # Debian's nginx (the deployment test), chromium (the admin-site browser test; Playwright
 # drives it with executable_path=/usr/bin/chromium and downloads no browser of its own) and
 # wrk (the benchmark's smoke test).
@@ -19,13 +15,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v wrk >/dev/null || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "Installing ${missing[*]} (apt-get)..."
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# As root, the test cluster runs as the postgres user (PostgreSQL refuses to run as root).
-if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
-    useradd --system --no-create-home postgres
+    apt_install --no-install-recommends "${missing[@]}"
 fi
 
 ruff check .
