@@ -1,17 +1,22 @@
 """Management commands: createagent, createsuperuser --noinput and seed_demo."""
 
+import os
+import subprocess
+import sys
 from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import override_settings
 
 from support import services
 from support.models import ApiToken as Token
-from support.models import Ticket
+from support.models import Ticket, TicketAssignment, TicketEvent
 from support.tokens import key_hash
-from tests.conftest import create_user, run_sync
+from tests.conftest import create_user, db_state, run_sync
+from tests.servers import ROOT, database_url
 
 User = services.User
 GOOD_PASSWORD = "A-long-enough-Passw0rd"
@@ -178,9 +183,11 @@ async def test_createsuperuser_noinput_makes_an_admin_who_can_list_tickets(
 
 # --- seed_demo --------------------------------------------------------------------------------
 def run_seed_demo() -> list[tuple[str, str, str, str]]:
-    """Run seed_demo; return the (role, username, password, token) rows it printed."""
+    """Run seed_demo as scripts/dev.sh does (debug on); return the (role, username, password,
+    token) rows it printed."""
     out = StringIO()
-    call_command("seed_demo", stdout=out)
+    with override_settings(DEBUG=True):
+        call_command("seed_demo", stdout=out)
     lines = out.getvalue().splitlines()
     assert lines[0] == f"Demo data: {Ticket.objects.count()} tickets."
     rows = [tuple(line.split()) for line in lines[2:]]
@@ -268,3 +275,80 @@ async def test_seed_demo_prints_tokens_and_passwords_that_authenticate(make_clie
         )
         assert login.status_code == 200, (name, login.text)
         assert login.json()["token"] != token  # every login issues a new token
+
+
+@pytest.mark.smoke
+@pytest.mark.django_db
+def test_seed_demo_writes_each_tickets_created_event():
+    run_seed_demo()
+    admin = User.objects.get(username="admin")
+    tickets = {ticket.pk: ticket for ticket in Ticket.objects.all()}
+    events = list(TicketEvent.objects.order_by("ticket_id", "pk"))
+    assert [(event.ticket_id, event.kind) for event in events] == [
+        (pk, "created") for pk in sorted(tickets)
+    ]
+    for event in events:
+        ticket = tickets[event.ticket_id]
+        assert event.actor_id == admin.pk
+        assert (event.from_status, event.to_status, event.agent_id) == ("", "open", None)
+        assert event.at == ticket.created_at
+        assert event.changes == {
+            "title": [None, ticket.title],
+            "description": [None, ticket.description],
+            "priority": [None, ticket.get_priority_display()],
+        }
+    # Any assignment the demo makes comes with its event (it makes none: all in the pool).
+    for assignment in TicketAssignment.objects.all():
+        assert TicketEvent.objects.filter(
+            ticket_id=assignment.ticket_id, kind="assigned", agent_id=assignment.agent_id
+        ).exists()
+    assert set(Ticket.objects.values_list("status", flat=True)) == {"open"}
+
+    run_seed_demo()  # a second run adds no ticket, so no event
+    assert TicketEvent.objects.count() == len(events)
+
+
+@pytest.mark.django_db
+def test_seed_demo_with_debug_off_is_refused_and_changes_nothing():
+    alice = create_user(agent=True, password="alices-real-password-1")
+    alice.username = "alice"
+    alice.save()
+    before = db_state()
+    with override_settings(DEBUG=False), pytest.raises(CommandError, match="--force"):
+        call_command("seed_demo", stdout=StringIO())
+    assert db_state() == before
+    alice.refresh_from_db()
+    assert alice.check_password("alices-real-password-1")
+
+
+@pytest.mark.django_db
+def test_seed_demo_with_debug_off_runs_when_forced():
+    with override_settings(DEBUG=False):
+        call_command("seed_demo", "--force", stdout=StringIO())
+    assert demo_counts()["tickets"] == 40
+    assert agent_names() == {"alice", "bob", "carol"}
+
+
+@transactional
+def test_seed_demo_command_line_with_debug_off_exits_with_an_error():
+    before = db_state()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "seed-demo-under-test-" + "k" * 40,
+        "DATABASE_URL": database_url(),
+    }
+    done = subprocess.run(
+        [sys.executable, "manage.py", "seed_demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "DJANGO_DEBUG" in done.stderr
+    assert "--force" in done.stderr
+    assert done.stdout == ""
+    assert db_state() == before

@@ -1,7 +1,8 @@
 import random
 import secrets
 
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from support import services
@@ -23,13 +24,27 @@ TITLES = (
 
 class Command(BaseCommand):
     help = "Create demo data (an admin, three agents, tickets) and print fresh credentials."
-    # Each run resets the demo users' passwords and replaces their tokens.
+    # Each run resets the demo users' passwords and replaces their tokens: with debug off it
+    # might be a real database, where those names are real people.
 
     def add_arguments(self, parser):
         parser.add_argument("--tickets", type=int, default=40)
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="run with DJANGO_DEBUG off too (resets the users admin, alice, bob, carol)",
+        )
+
+    def handle(self, *args, tickets, force, **options):
+        if not settings.DEBUG and not force:
+            raise CommandError(
+                "seed_demo resets the passwords and tokens of the users admin, alice, bob and "
+                "carol, so it runs only with DJANGO_DEBUG on; pass --force to run it anyway."
+            )
+        self.seed(tickets)
 
     @transaction.atomic
-    def handle(self, *args, tickets, **options):
+    def seed(self, tickets: int) -> None:
         User = services.User
         credentials = []
         admin, _ = User.objects.get_or_create(
@@ -55,15 +70,14 @@ class Command(BaseCommand):
 
         missing = tickets - Ticket.objects.count()
         rng = random.Random(7)
-        Ticket.objects.bulk_create(
-            Ticket(
+        for n in range(max(0, missing)):
+            # Through the service, like the API: each ticket gets its `created` event.
+            services.ticket_create(
                 title=f"{rng.choice(TITLES)} ({n})",
                 description="Demo ticket.",
                 priority=rng.choice(Ticket.Priority.values),
-                created_by=admin,
+                created_by_id=admin.pk,
             )
-            for n in range(max(0, missing))
-        )
 
         self.stdout.write(f"Demo data: {Ticket.objects.count()} tickets.")
         self.stdout.write(f"{'role':6} {'username':9} {'password':18} token")
