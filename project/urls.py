@@ -7,8 +7,17 @@ from support.api.metrics import MetricsView
 
 urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    # The docs pages load nothing from outside the app (support/templates/api_docs/).
+    path(
+        "api/docs/",
+        SpectacularSwaggerView.as_view(url_name="schema", template_name="api_docs/swagger_ui.html"),
+        name="swagger-ui",
+    ),
+    path(
+        "api/redoc/",
+        SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html"),
+        name="redoc",
+    ),
     path("admin/", admin.site.urls),
     path("api/", include("support.api.urls")),
     path("api-auth/", include("rest_framework.urls")),
