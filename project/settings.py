@@ -39,6 +39,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "support.observability.RequestLogMiddleware",
+    # JSON error answers outside the admin site, with debug on too (Django's technical pages
+    # are HTML); outside the others, so it also sees the errors they raise.
+    "support.middleware.JsonErrorsMiddleware",
     # Django's own middleware, subclassed to run its hooks without a thread hop each
     # (support/middleware.py); same behaviour.
     "support.middleware.SecurityMiddleware",
