@@ -26,6 +26,7 @@ from django.contrib.admin.options import csrf_protect_m
 from django.contrib.admin.utils import display_for_value
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.forms import UserChangeForm as DjangoUserChangeForm
 from django.db import IntegrityError
 from django.db.models import F, Q
 from django.forms.models import BaseInlineFormSet
@@ -406,6 +407,18 @@ class AgentFilter(admin.SimpleListFilter):
         return queryset
 
 
+class UserChangeForm(DjangoUserChangeForm):
+    """Django's, refusing a username another user holds in another case, as Django's add form
+    and the API do (with "alice" taken, "Alice" is refused)."""
+
+    def clean_username(self):
+        username = self.cleaned_data.get("username")
+        others = User.objects.exclude(pk=self.instance.pk)
+        if username and others.filter(username__iexact=username).exists():
+            raise forms.ValidationError(self.instance.unique_error_message(User, ["username"]))
+        return username
+
+
 admin.site.unregister(User)
 
 
@@ -413,6 +426,7 @@ admin.site.unregister(User)
 class UserAdmin(DjangoUserAdmin):
     """Django's user admin, with agents in view, and deactivation through the service."""
 
+    form = UserChangeForm
     list_display = ("username", "email", "is_staff", "is_active", "is_agent", "assigned_count")
     list_filter = (AgentFilter, "is_staff", "is_superuser", "is_active", "groups")
     actions = ("deactivate_agents",)

@@ -276,6 +276,12 @@ def is_holder(*, ticket_id: int, agent_id: int) -> QuerySet:
     return TicketAssignment.objects.filter(ticket_id=ticket_id, agent_id=agent_id, is_active=True)
 
 
+def agent_holds(*, agent_id: int, ticket_id: int) -> bool:
+    """Whether the ticket is one of the agent's (actively assigned to it): an agent's move on
+    any other ticket, existing or not, is NotFound alike."""
+    return is_holder(ticket_id=ticket_id, agent_id=agent_id).exists()
+
+
 def _count_assigned(agent_id: int) -> int:
     return TicketAssignment.objects.filter(agent_id=agent_id, is_active=True, holding=True).count()
 
@@ -355,6 +361,9 @@ def _require_active_agent(locked: dict[int, _LockedUser], agent_id: int) -> None
 
 
 # --- Agents: the top-up and the state machine -------------------------------------------------
+NOT_YOURS = "No such ticket among yours."
+
+
 def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
     """Top the agent up to the cap from the pool and return what it holds.
 
@@ -444,7 +453,7 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
         _require_active_agent(_lock_users([agent_id]), agent_id)
         row = _lock_own_ticket_row(ticket_id)
         if row is None or row["assigned_to"] != agent_id:
-            raise NotFound("No such ticket among yours.")
+            raise NotFound(NOT_YOURS)
         allowed = AGENT_MOVES[row["status"]]
         if to_status not in allowed:
             raise TransitionNotAllowed(row["status"], to_status, allowed)
@@ -495,24 +504,32 @@ def ticket_create(*, title: str, description: str, priority: int, created_by_id:
     return {**row, "assigned_to": None, "assigned_at": None}  # a new ticket is in the pool
 
 
-def _holder_of(ticket_id: int) -> int | None:
+def ticket_holder(ticket_id: int) -> int | None:
+    """The agent actively holding the ticket (None: in the pool). Raises NotFound when there
+    is no such ticket: the API asks this before it reads an edit's body, so an unknown ticket
+    is 404 whatever the body says, and hands the answer to ticket_update as its first read."""
     row = ticket_rows(tickets_with_holder().filter(pk=ticket_id)).first()
     if row is None:
         raise NotFound("No Ticket matches the given query.")
     return row["assigned_to"]
 
 
-def ticket_update(*, ticket_id: int, changes: dict, actor_id: int) -> dict:
+_UNREAD = object()
+
+
+def ticket_update(*, ticket_id: int, changes: dict, actor_id: int, holder=_UNREAD) -> dict:
     """Apply an admin's edit: any of title, description, priority, status, assigned_to.
 
-    ``assigned_to`` present and None means "no agent". Locks the current holder and the new
+    ``assigned_to`` present and None means "no agent". ``holder``: what ``ticket_holder``
+    answered just before, if the caller asked it. Locks the current holder and the new
     agent (id order), then the ticket; if the holder changed before the locks were taken, the
     edit starts over (ConcurrentChange after a few tries). Raises InvalidField when
     ``assigned_to`` is not an active agent, Conflict when the result would break a rule, and
     AgentAtCapacity when the agent already holds the cap in status assigned.
     """
     for _ in range(_ADMIN_EDIT_TRIES):
-        holder = _holder_of(ticket_id)
+        if holder is _UNREAD:
+            holder = ticket_holder(ticket_id)
         wanted = changes.get("assigned_to", holder)
         with transaction.atomic():
             locked = _lock_users(pk for pk in (holder, wanted) if pk is not None)
@@ -520,7 +537,8 @@ def ticket_update(*, ticket_id: int, changes: dict, actor_id: int) -> dict:
             if row is None:
                 raise NotFound("No Ticket matches the given query.")
             if row["assigned_to"] != holder:
-                continue  # a concurrent change moved the ticket: read it again
+                holder = _UNREAD  # a concurrent change moved the ticket: read it again
+                continue
             return _apply_admin_edit(row, changes, locked, actor_id)
     raise ConcurrentChange("The ticket kept changing while it was being edited; try again.")
 
@@ -561,7 +579,9 @@ def _apply_admin_edit(
         if gains and _count_assigned(agent) >= cap:
             obs.CAP_REFUSALS.inc()
             obs.log_event("assignment refused at the cap", agent_id=agent, ticket_id=row["id"])
-            raise AgentAtCapacity(f"Agent {agent} already holds {cap} assigned tickets (the cap).")
+            raise AgentAtCapacity(
+                f"Agent {_agent_name(agent)} already holds {cap} assigned tickets (the cap)."
+            )
 
     fields = {
         name: changes[name] for name in ("title", "description", "priority") if name in changes
@@ -597,6 +617,12 @@ def _apply_admin_edit(
     return ticket_rows(tickets_with_holder().filter(pk=ticket_id)).get()
 
 
+def _agent_name(agent_id: int) -> str:
+    """An agent as people know it, by username (forms list agents by name), with its id."""
+    username = User.objects.filter(pk=agent_id).values_list("username", flat=True).first()
+    return f"{username} (id {agent_id})" if username is not None else f"#{agent_id}"
+
+
 def _event_kind(diff: dict) -> str:
     """The one word for an edit, most telling first: where the ticket went, then its status."""
     if "assigned_to" in diff:
@@ -630,7 +656,7 @@ def _record(ticket_id, actor_id, diff, *, from_status, agent, at) -> str:
 def ticket_delete(*, ticket_id: int, actor_id: int) -> None:
     """Delete a ticket and its assignments, locking its holder first like any other change."""
     for _ in range(_ADMIN_EDIT_TRIES):
-        holder = _holder_of(ticket_id)
+        holder = ticket_holder(ticket_id)
         with transaction.atomic():
             _lock_users([holder] if holder is not None else [])
             row = _lock_ticket_row(ticket_id)
@@ -651,21 +677,49 @@ def ticket_delete(*, ticket_id: int, actor_id: int) -> None:
 
 
 # --- Admins: agents -------------------------------------------------------------------------
-def agent_create(*, username: str, password: str, email: str = ""):
-    """Create an active user in the agents group. Raises InvalidField when the name is taken.
+USERNAME_TAKEN = "A user with that username already exists (usernames ignore case)."
 
-    The password is expected to have passed Django's validators already (the serializer's job).
+
+def agent_row(agent_id: int) -> dict:
+    """An agent (active or not) as the API shows it; NotFound for anyone else."""
+    row = agents_with_load().filter(pk=agent_id).first()
+    if row is None:
+        raise NotFound("No agent matches the given query.")
+    return row
+
+
+def agent_create(*, username: str, password: str, email: str = ""):
+    """Create an active user in the agents group. Raises InvalidField when the name is taken,
+    in any case: with "alice" taken, "Alice" is refused (as the admin site's user form does).
+
+    Creations queue on the agents group's row (FOR NO KEY UPDATE: memberships added meanwhile
+    do not wait), so two names that differ only in case cannot both pass the check; the
+    database's unique index is case-sensitive. The password is expected to have passed
+    Django's validators already (the serializer's job).
     """
     try:
         with transaction.atomic():
-            if User.objects.filter(username=username).exists():
-                raise InvalidField("username", "A user with that username already exists.")
+            group = agents_group()
+            Group.objects.select_for_update(no_key=True).filter(pk=group.pk).first()
+            if User.objects.filter(username__iexact=username).exists():
+                raise InvalidField("username", USERNAME_TAKEN)
             user = User.objects.create_user(username=username, password=password, email=email)
-            user.groups.add(agents_group())
+            user.groups.add(group)
     except IntegrityError:
         # Two creations of one name raced; the database's unique index decided.
-        raise InvalidField("username", "A user with that username already exists.") from None
+        raise InvalidField("username", USERNAME_TAKEN) from None
     return user
+
+
+def agent_reactivate(*, agent_id: int) -> None:
+    """Make a deactivated agent active again. It holds no ticket (deactivation returned them
+    to the pool) and no token (it logs in again). Locks the agent row. Idempotent."""
+    with transaction.atomic():
+        locked = _lock_users([agent_id])
+        if agent_id not in locked or not locked[agent_id].is_agent:
+            raise NotFound("No agent matches the given query.")
+        if not locked[agent_id].is_active:
+            User.objects.filter(pk=agent_id).update(is_active=True)
 
 
 def agent_deactivate(*, agent_id: int, actor_id: int) -> None:

@@ -289,7 +289,10 @@ def test_assigning_past_the_cap_is_a_form_error_and_changes_nothing(site, boss, 
     response = site.post(change_url(pk), data)
     assert response.status_code == 200
     errors = response.context["adminform"].form.non_field_errors()
-    assert errors == [f"Agent {agent.pk} already holds 2 assigned tickets (the cap)."]
+    # the agent by username, as the form's choices name it
+    assert errors == [
+        f"Agent {agent.username} (id {agent.pk}) already holds 2 assigned tickets (the cap)."
+    ]
     assert errors[0] in response.content.decode()
     assert f"{agent.username} (2/2 assigned)" in response.content.decode()
     assert Ticket.objects.get(pk=pk).status == "open"
@@ -584,6 +587,34 @@ def test_removing_a_user_from_the_agents_group_returns_its_tickets_to_the_pool(s
 
 
 @pytest.mark.django_db
+def test_a_username_differing_only_in_case_is_refused_on_add_and_on_rename(site, agent):
+    before = list(services.User.objects.order_by("pk").values_list("pk", "username"))
+    taken = agent.username.upper()
+    data = form_data(site, f"{USERS}add/", "user_form")
+    data.update(username=[taken], usable_password=["true"])
+    data.update(password1=["A-long-enough-Passw0rd"], password2=["A-long-enough-Passw0rd"])
+    response = site.post(f"{USERS}add/", data)
+    assert response.status_code == 200
+    assert form_errors(response) == ["A user with that username already exists."]
+
+    other = create_user()
+    url = f"{USERS}{other.pk}/change/"
+    data = form_data(site, url, "user_form")
+    data["username"] = [taken]
+    response = site.post(url, data)
+    assert response.status_code == 200
+    assert form_errors(response) == ["A user with that username already exists."]
+    assert list(services.User.objects.order_by("pk").values_list("pk", "username")) == [
+        *before,
+        (other.pk, other.username),
+    ]
+    # a user's own name in another case is a rename, not a clash
+    data["username"] = [other.username.upper()]
+    assert site.post(url, data).status_code == 302
+    assert services.User.objects.get(pk=other.pk).username == other.username.upper()
+
+
+@pytest.mark.django_db
 def test_editing_an_agent_without_deactivating_it_keeps_its_tickets(site, boss, agent):
     pk = new_ticket(boss)
     assign(pk, agent, boss)
@@ -733,7 +764,10 @@ def test_admin_site_in_a_real_browser(server):
             page.select_option("#id_assigned_to", value=str(agent.pk))
             with page.expect_navigation():
                 page.click("input[name=_save]")
-            refusal = f"Agent {agent.pk} already holds {SERVER_CAP} assigned tickets (the cap)."
+            refusal = (
+                f"Agent {agent.username} (id {agent.pk}) already holds {SERVER_CAP} assigned"
+                " tickets (the cap)."
+            )
             expect(page.locator(".errornote")).to_be_visible()
             expect(page.locator("ul.errorlist")).to_contain_text(refusal)
             shot("cap-refused")

@@ -152,6 +152,38 @@ async def test_page_size_is_honoured_and_capped_at_100(admin_client, admin):
     assert len(r.json()["results"]) == 100
 
 
+async def test_a_page_size_of_any_length_over_100_is_served_as_100(admin_client, admin):
+    await run_sync(create_tickets, admin, 105)
+    for size in ("101", "0150", "99999999999999999999", "9" * 5000):
+        r = await admin_client.get("/api/tickets/", params={"page_size": size})
+        assert r.status_code == 200, (size[:25], r.text[:200])
+        assert len(r.json()["results"]) == 100
+        assert r.json()["count"] == 105
+        second = await admin_client.get(r.json()["next"])
+        assert len(second.json()["results"]) == 5
+
+
+async def test_page_last_serves_the_last_page(admin_client, admin, agent):
+    await run_sync(create_tickets, admin, 5)
+    r = await admin_client.get("/api/tickets/?page_size=2&page=last")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [t["title"] for t in body["results"]] == ["ticket 0"]  # the oldest
+    assert body["next"] is None
+    assert "page=2" in body["previous"]
+    assert "page_size=2" in body["previous"]
+    # with filters too: one high-priority ticket, so its last page is its first
+    await run_sync(create_tickets, admin, 1, priority=Ticket.Priority.HIGH)
+    r = await admin_client.get("/api/tickets/?priority=high&page=last")
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] == 1
+    assert r.json()["previous"] is None
+    # an empty list has one empty page, its last
+    r = await admin_client.get(f"/api/tickets/?assigned_to={agent.pk}&page=last")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"count": 0, "next": None, "previous": None, "results": []}
+
+
 async def test_page_past_the_end_is_404(admin_client, admin):
     await run_sync(create_tickets, admin, 3)
     assert (await admin_client.get("/api/tickets/?page=2")).status_code == 404

@@ -197,7 +197,6 @@ async def test_ticket_returned_to_pool_is_no_longer_the_agents(agent_client, adm
     "payload",
     [
         {},
-        {"ticket_id": 1},
         {"status": "resolved"},
         {"ticket_id": "abc", "status": "resolved"},
         {"ticket_id": -1, "status": "resolved"},

@@ -78,13 +78,13 @@ class Endpoint:
 
     name: str
     method: str
-    path: str  # "{held}": a ticket the agent holds; "{open}": an open ticket
+    path: str  # "{held}": a ticket the agent holds; "{open}": an open ticket; "{agent}"
     role: str | None  # "admin", "agent" or None (anonymous)
     valid_body: Callable[[World], dict]
     success: int
 
     def url(self, world: World) -> str:
-        return self.path.format(held=world.held, open=world.open)
+        return self.path.format(held=world.held, open=world.open, agent=world.agent.pk)
 
     def client(self, make_client, world: World) -> httpx.AsyncClient:
         user = {"admin": world.admin, "agent": world.agent, None: None}[self.role]
@@ -129,6 +129,14 @@ JSON_ENDPOINTS = [
         "/api/agent/tickets/",
         "agent",
         lambda w: {"ticket_id": w.held, "status": "resolved"},
+        200,
+    ),
+    Endpoint(
+        "patch-agent",
+        "PATCH",
+        "/api/agents/{agent}/",
+        "admin",
+        lambda w: {"is_active": True},
         200,
     ),
     Endpoint(
@@ -218,6 +226,67 @@ async def test_non_json_content_types_are_refused_with_415_on_every_endpoint(mak
             endpoint.method, endpoint.url(world), json=endpoint.valid_body(world)
         )
         assert response.status_code == endpoint.success, (endpoint.name, response.text)
+
+
+# --- Types: every field takes its own JSON type, nothing converted -----------------------------
+# Each field of each body: its JSON type, and a right value of it (for the wrong values below).
+BODY_FIELDS = [
+    ("create-ticket", "title", "string"),
+    ("create-ticket", "description", "string"),
+    ("create-ticket", "priority", "string"),
+    *(
+        (endpoint, field, "string")
+        for endpoint in ("put-ticket", "patch-ticket")
+        for field in ("title", "description", "priority", "status")
+    ),
+    ("put-ticket", "assigned_to", "integer or null"),
+    ("patch-ticket", "assigned_to", "integer or null"),
+    ("agent-move", "ticket_id", "integer"),
+    ("agent-move", "status", "string"),
+    ("create-agent", "username", "string"),
+    ("create-agent", "password", "string"),
+    ("create-agent", "email", "string"),
+    ("patch-agent", "is_active", "boolean"),
+    ("token-login", "username", "string"),
+    ("token-login", "password", "string"),
+]
+
+
+def wrong_type_values(kind: str, right) -> list:
+    """JSON values of every type but ``kind``, as close to ``right`` as the type allows:
+    what a lenient parser would convert ("11" and 14.0 for 11, 5 for a string, 1 for true)."""
+    wrapped = [[right], {"value": right}]
+    if kind == "string":
+        return [5, 0, 1.5, 14.0, True, False, None, *wrapped]
+    if kind == "boolean":
+        return ["true", "false", "", 1, 0, 1.0, None, *wrapped]
+    wrong = [str(right), f" {right} ", float(right), right + 0.5, True, False, "", *wrapped]
+    return wrong if kind == "integer or null" else [*wrong, None]
+
+
+def right_value(world: World, endpoint: str, field: str):
+    return {"ticket_id": world.held, "assigned_to": world.agent.pk}.get(
+        field, ENDPOINTS[endpoint].valid_body(world).get(field, "x")
+    )
+
+
+ENDPOINTS = {endpoint.name: endpoint for endpoint in JSON_ENDPOINTS}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "kind"), BODY_FIELDS, ids=[f"{e}-{f}" for e, f, _ in BODY_FIELDS]
+)
+async def test_a_value_of_the_wrong_json_type_is_refused_not_converted(
+    make_client, world, endpoint, field, kind
+):
+    endpoint = ENDPOINTS[endpoint]
+    client = endpoint.client(make_client, world)
+    for value in wrong_type_values(kind, right_value(world, endpoint.name, field)):
+        body = {**endpoint.valid_body(world), field: value}
+        response = await client.request(endpoint.method, endpoint.url(world), json=body)
+        assert response.status_code == 400, (field, value, response.text)
+        assert list(response.json()) == [field], (field, value, response.text)
+    await world.assert_unchanged()
 
 
 # --- Strings: length, blanks, NUL bytes --------------------------------------------------------
@@ -422,6 +491,132 @@ async def test_assigned_to_out_of_range_or_ill_typed_is_refused_with_400(admin_c
     await world.assert_unchanged()
 
 
+# Python refuses to convert integers of more than 4300 digits, and its error tells the client
+# about sys.set_int_max_str_digits(): no answer may carry that.
+HUGE = "9" * 5000
+
+
+async def test_numbers_of_thousands_of_digits_get_a_clean_answer_anywhere(
+    admin_client, agent_client, world
+):
+    held = f"/api/tickets/{world.held}/"
+    raw = [  # in a body, as JSON numbers and as strings
+        (
+            agent_client,
+            "POST",
+            "/api/agent/tickets/",
+            f'{{"ticket_id": {HUGE}, "status": "closed"}}',
+        ),
+        (agent_client, "POST", "/api/agent/tickets/", f'{{"ticket_id": -{HUGE}}}'),
+        (agent_client, "POST", "/api/agent/tickets/", f'{{"ticket_id": "{HUGE}"}}'),
+        (admin_client, "PATCH", held, f'{{"assigned_to": {HUGE}}}'),
+        (admin_client, "PATCH", held, f'{{"assigned_to": "{HUGE}"}}'),
+        (admin_client, "POST", "/api/tickets/", f'{{"title": {HUGE}}}'),
+        (admin_client, "POST", "/api/tickets/", f'{{"title": "t", "priority": {HUGE}}}'),
+        (admin_client, "PATCH", f"/api/agents/{world.agent.pk}/", f'{{"is_active": {HUGE}}}'),
+    ]
+    answers = []
+    for client, method, url, body in raw:
+        response = await client.request(method, url, content=body.encode(), headers=JSON)
+        assert response.status_code == 400, (url, body[:40], response.text[:200])
+        answers.append(response)
+    for params, status in (  # in the query string
+        ({"page": HUGE}, 404),
+        ({"page": "-" + HUGE}, 404),
+        ({"page_size": "-" + HUGE}, 400),
+        ({"assigned_to": HUGE}, 400),
+        ({"status": HUGE}, 400),
+        ({"priority": HUGE}, 400),
+        ({"ordering": HUGE}, 400),
+        ({"search": HUGE}, 400),
+    ):
+        response = await admin_client.get("/api/tickets/", params=params)
+        assert response.status_code == status, (params.keys(), response.text[:200])
+        answers.append(response)
+    for method, url in (  # in the path
+        ("GET", f"/api/tickets/{HUGE}/"),
+        ("PUT", f"/api/tickets/{HUGE}/"),
+        ("PATCH", f"/api/tickets/{HUGE}/"),
+        ("DELETE", f"/api/tickets/{HUGE}/"),
+        ("GET", f"/api/tickets/{HUGE}/history/"),
+        ("GET", f"/api/agents/{HUGE}/"),
+        ("PATCH", f"/api/agents/{HUGE}/"),
+        ("DELETE", f"/api/agents/{HUGE}/"),
+    ):
+        response = await admin_client.request(method, url, json={"title": "t"})
+        assert response.status_code == 404, (method, url[:30], response.text[:200])
+        answers.append(response)
+    for response in answers:
+        assert response.headers["Content-Type"] == "application/json", response.text[:200]
+        assert response.json()
+        assert "set_int_max_str_digits" not in response.text, response.text[:300]
+        assert "Exceeds the limit" not in response.text, response.text[:300]
+    await world.assert_unchanged()
+
+
+# --- What is judged first: the object, then the body -------------------------------------------
+async def test_an_unknown_ticket_is_404_whatever_the_edit_body(admin_client, world):
+    """The path's ticket is looked up before the body is read, as DRF's generic views do."""
+    unknown = "/api/tickets/987654321/"
+    for body in (
+        {},
+        {"title": "x"},  # incomplete for a PUT
+        {"title": 5, "status": "nope", "assigned_to": "x"},
+        {"title": "x", "description": "", "priority": "low", "status": "open", "assigned_to": None},
+    ):
+        for method in ("PUT", "PATCH"):
+            response = await admin_client.request(method, unknown, json=body)
+            assert response.status_code == 404, (method, body, response.text)
+            assert response.json() == {"detail": "No Ticket matches the given query."}
+    for kwargs in (
+        dict(content=b'{"title": ', headers=JSON),  # malformed JSON
+        dict(content=b"[]", headers=JSON),
+        dict(data={"title": "x"}),  # not JSON at all
+    ):
+        response = await admin_client.patch(unknown, **kwargs)
+        assert response.status_code == 404, (kwargs, response.text)
+    # The same bodies on a ticket that exists: the body is judged.
+    incomplete = await admin_client.put(f"/api/tickets/{world.open}/", json={"title": "x"})
+    assert incomplete.status_code == 400, incomplete.text
+    assert set(incomplete.json()) == {"description", "priority", "status", "assigned_to"}
+    await world.assert_unchanged()
+
+
+async def test_an_unknown_agent_is_404_whatever_the_patch_body(admin_client, world):
+    for pk in (987654, world.admin.pk):  # nobody; a user who is not an agent
+        for body in ({"is_active": "yes"}, {"is_active": None}, {"is_active": True}):
+            response = await admin_client.patch(f"/api/agents/{pk}/", json=body)
+            assert response.status_code == 404, (pk, body, response.text)
+    await world.assert_unchanged()
+
+
+async def test_an_agent_move_judges_the_ticket_id_then_the_ticket_then_the_status(
+    agent_client, world
+):
+    cases = [
+        # the ticket_id ill-formed: 400 on it, whatever else
+        ({"ticket_id": "x", "status": "nope"}, 400, {"ticket_id", "status"}),
+        ({"ticket_id": 0}, 400, {"ticket_id", "status"}),
+        ({"status": "nope"}, 400, {"ticket_id", "status"}),
+        # well-formed, but no ticket of the caller's: 404, whatever the status
+        ({"ticket_id": 987654321, "status": "nope"}, 404, {"detail"}),
+        ({"ticket_id": 987654321}, 404, {"detail"}),
+        ({"ticket_id": world.open, "status": 7}, 404, {"detail"}),
+        ({"ticket_id": world.open, "status": "resolved"}, 404, {"detail"}),
+        # the caller's ticket: the status is judged
+        ({"ticket_id": world.held, "status": "nope"}, 400, {"status"}),
+        ({"ticket_id": world.held}, 400, {"status"}),
+        ({"ticket_id": world.resolved, "status": "open"}, 400, {"status"}),
+    ]
+    for body, status, keys in cases:
+        response = await agent_client.post("/api/agent/tickets/", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert set(response.json()) == keys, (body, response.text)
+        if status == 404:
+            assert response.json() == {"detail": "No such ticket among yours."}
+    await world.assert_unchanged()
+
+
 # --- Unknown choices ---------------------------------------------------------------------------
 async def test_unknown_status_and_priority_values_are_refused_with_400(
     admin_client, agent_client, world
@@ -469,6 +664,9 @@ async def test_unknown_list_filters_are_refused_with_400(admin_client, world):
         ({"page_size": "-1"}, "page_size"),
         ({"page_size": "1.5"}, "page_size"),
         ({"page_size": "\u00b2"}, "page_size"),  # a digit to isdigit(), not to int()
+        ({"page_size": "0" * 30}, "page_size"),
+        ({"page_size": "-" + "9" * 30}, "page_size"),
+        ({"page_size": "+5"}, "page_size"),
         ({"search": "s" * 201}, "search"),
     ):
         response = await admin_client.get("/api/tickets/", params=params)
@@ -478,7 +676,19 @@ async def test_unknown_list_filters_are_refused_with_400(admin_client, world):
 
 
 async def test_pages_that_do_not_exist_answer_404(admin_client, world):
-    for page in ("abc", "999", "0", "-1", "1.5", "2", "9" * 30, "\u00b2", "\u0663"):
+    for page in (
+        "abc",
+        "999",
+        "0",
+        "-1",
+        "1.5",
+        "2",
+        "9" * 30,
+        "\u00b2",
+        "\u0663",
+        "LAST",
+        "last ",
+    ):
         response = await admin_client.get("/api/tickets/", params={"page": page})
         assert response.status_code == 404, (page, response.text)
         assert "detail" in response.json()
@@ -557,7 +767,13 @@ async def test_wrong_methods_are_refused_with_405(make_client, admin_client, age
         (admin_client, "PUT", "/api/tickets/", "GET, POST, HEAD, OPTIONS"),
         (admin_client, "POST", f"/api/tickets/{world.held}/", None),
         (admin_client, "PATCH", "/api/agents/", None),
-        (admin_client, "GET", f"/api/agents/{world.agent.pk}/", "DELETE, OPTIONS"),
+        (
+            admin_client,
+            "PUT",
+            f"/api/agents/{world.agent.pk}/",
+            "GET, PATCH, DELETE, HEAD, OPTIONS",
+        ),
+        (admin_client, "POST", f"/api/agents/{world.agent.pk}/", None),
         (agent_client, "PUT", "/api/agent/tickets/", "GET, POST, HEAD, OPTIONS"),
         (agent_client, "DELETE", "/api/agent/tickets/", None),
         (make_client(), "GET", "/api/auth/token/", "POST, OPTIONS"),

@@ -149,6 +149,16 @@ def test_createagent_refuses_a_taken_username_and_changes_nothing():
     assert admin.username not in agent_names()  # the admin did not become an agent
 
 
+@pytest.mark.django_db
+def test_createagent_refuses_a_username_taken_in_another_case():
+    call_command("createagent", "Ann", password=GOOD_PASSWORD, stdout=StringIO())
+    before = (user_rows(), membership_rows())
+    for name in ("ann", "ANN"):
+        with pytest.raises(CommandError, match="already exists"):
+            call_command("createagent", name, password=GOOD_PASSWORD, stdout=StringIO())
+    assert (user_rows(), membership_rows()) == before
+
+
 # --- createsuperuser --------------------------------------------------------------------------
 @transactional
 async def test_createsuperuser_noinput_makes_an_admin_who_can_list_tickets(

@@ -17,8 +17,10 @@ from support.api.schema import (
     body_errors,
 )
 from support.api.serializers import (
+    MAX_TICKET_ID,
     AgentCreateSerializer,
     AgentSerializer,
+    AgentUpdateSerializer,
     TicketCreateSerializer,
     TicketEventSerializer,
     TicketSerializer,
@@ -32,23 +34,38 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 
 
-def _positive_int(raw: str | None, default: int) -> int | None:
+LAST_PAGE = "last"  # ?page=last, as DRF's page-number paginator reads it
+
+
+def _positive_int(raw: str | None, default: int, ceiling: int) -> int | None:
+    """A positive decimal integer, at most ``ceiling`` (any larger one, however many digits,
+    is served as ``ceiling``); None when it is not one."""
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()):
         return None
-    return int(raw)
+    digits = raw.lstrip("0")
+    if not digits:
+        return None
+    if len(digits) > len(str(ceiling)):  # never int() on thousands of digits
+        return ceiling
+    return min(int(digits), ceiling)
 
 
-def _page_params(request) -> tuple[int, int]:
-    """?page (from 1) and ?page_size (default 20, at most 100, as DRF's paginator clamps it)."""
-    size = _positive_int(request.query_params.get("page_size"), DEFAULT_PAGE_SIZE)
+def _page_params(request) -> tuple[int | None, int]:
+    """?page (from 1; ``last``: None) and ?page_size (default 20; larger than 100 is served as
+    100, as DRF's paginator clamps it)."""
+    size = _positive_int(request.query_params.get("page_size"), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     if size is None:
         raise exceptions.ValidationError({"page_size": ["A positive integer is required."]})
-    page = _positive_int(request.query_params.get("page"), 1)
+    raw_page = request.query_params.get("page")
+    if raw_page == LAST_PAGE:
+        return None, size
+    # past the largest id any page could reach: past the end, so 404 below
+    page = _positive_int(raw_page, 1, MAX_TICKET_ID + 1)
     if page is None:
         raise exceptions.NotFound("Invalid page.")
-    return page, min(size, MAX_PAGE_SIZE)
+    return page, size
 
 
 def _page_url(request, page: int) -> str:
@@ -71,7 +88,6 @@ class TicketListView(APIView):
 
     def _list(self, request):
         page, size = _page_params(request)
-        start = (page - 1) * size
         filtered = any(name in TicketFilter.base_filters for name in request.query_params)
         if filtered:
             filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
@@ -82,8 +98,11 @@ class TicketListView(APIView):
         else:  # no filter: no FilterSet to build; the page is a prepared statement
             count = Ticket.objects.count()
         last = max(1, -(-count // size))
-        if page > last:
+        if page is None:
+            page = last
+        elif page > last:
             raise exceptions.NotFound("Invalid page.")
+        start = (page - 1) * size
         if filtered:
             rows = services.ticket_rows(queryset)[start : start + size]
         else:
@@ -152,10 +171,13 @@ class TicketDetailView(APIView):
         return await self.in_thread(self._update, request, pk, partial=True)
 
     def _update(self, request, pk, *, partial):
+        # The ticket first, as DRF's generic views do: an unknown one is 404 whatever the body.
+        # The edit starts from this read, so a valid edit costs no extra statement.
+        holder = services.ticket_holder(pk)
         serializer = TicketUpdateSerializer(data=request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
         row = services.ticket_update(
-            ticket_id=pk, changes=serializer.validated_data, actor_id=request.user.pk
+            ticket_id=pk, changes=serializer.validated_data, actor_id=request.user.pk, holder=holder
         )
         return Response(ticket_json(row))
 
@@ -190,7 +212,7 @@ class TicketHistoryView(APIView):
             not request.user.is_staff
             and not services.is_holder(ticket_id=pk, agent_id=request.user.pk).exists()
         ):
-            raise exceptions.NotFound("No such ticket among yours.")
+            raise exceptions.NotFound(services.NOT_YOURS)
         serializer = TicketEventSerializer()
         events = [serializer.to_representation(row) for row in services.ticket_history(pk)]
         if not events and not Ticket.objects.filter(pk=pk).exists():
@@ -231,6 +253,38 @@ class AgentListView(APIView):
 
 class AgentDetailView(APIView):
     permission_classes = [IsAdmin]
+
+    @extend_schema(
+        operation_id="agents_retrieve",
+        parameters=[ID_PATH],
+        responses=answers({200: AgentSerializer}, 401, 403, 404),
+    )
+    async def get(self, request, pk):
+        return await self.in_thread(lambda: Response(services.agent_row(pk)))
+
+    @extend_schema(
+        operation_id="agents_partial_update",
+        description=(
+            '{"is_active": true} reactivates a deactivated agent (it logs in again; it holds '
+            'nothing); {"is_active": false} deactivates it, as DELETE does.'
+        ),
+        parameters=[ID_PATH],
+        request=AgentUpdateSerializer(partial=True),
+        responses=answers({200: AgentSerializer}, 401, 403, 404, *body_errors(), field_errors=True),
+    )
+    async def patch(self, request, pk):
+        return await self.in_thread(self._update, request, pk)
+
+    def _update(self, request, pk):
+        services.agent_row(pk)  # the agent first: an unknown one is 404 whatever the body
+        serializer = AgentUpdateSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        active = serializer.validated_data.get("is_active")
+        if active is True:
+            services.agent_reactivate(agent_id=pk)
+        elif active is False:
+            services.agent_deactivate(agent_id=pk, actor_id=request.user.pk)
+        return Response(services.agent_row(pk))
 
     @extend_schema(
         operation_id="agents_deactivate",

@@ -1,6 +1,7 @@
 """Agent endpoints: fetch (with the top-up) and move one's own tickets."""
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions
 from rest_framework.response import Response
 
 from support import services
@@ -31,7 +32,11 @@ class AgentTicketsView(APIView):
 
     @extend_schema(
         operation_id="agent_tickets_move",
-        description="assigned -> resolved, resolved -> closed, on a ticket the caller holds.",
+        description=(
+            "assigned -> resolved, resolved -> closed, on a ticket the caller holds. Judged in "
+            "this order: ticket_id well-formed (else 400), the caller's ticket (else 404), "
+            "status one of the two (else 400), a move the state machine allows (else 409)."
+        ),
         request=AgentTransitionSerializer,
         responses={
             **answers({200: TicketSerializer}, 401, 403, 404, *body_errors(), field_errors=True),
@@ -45,7 +50,16 @@ class AgentTicketsView(APIView):
 
     def _move(self, request):
         serializer = AgentTransitionSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
+        if not serializer.is_valid():
+            # The ticket is judged before the rest of the body, as a path id would be: a
+            # well-formed ticket_id that is not one of the caller's tickets is 404. Only a
+            # refused body pays for this read; a valid move is checked under its locks.
+            ticket_id = serializer.well_formed_ticket_id()
+            if ticket_id is not None and not services.agent_holds(
+                agent_id=request.user.pk, ticket_id=ticket_id
+            ):
+                raise exceptions.NotFound(services.NOT_YOURS)
+            raise exceptions.ValidationError(serializer.errors)
         row = services.ticket_transition_by_agent(
             agent_id=request.user.pk,
             ticket_id=serializer.validated_data["ticket_id"],

@@ -90,7 +90,52 @@ def ticket_json(row: dict) -> dict:
     return TicketSerializer().to_representation(row)
 
 
-class PriorityField(serializers.ChoiceField):
+# --- Strict fields: a value of the wrong JSON type is refused, never converted ----------------
+# DRF's own fields coerce: CharField turns 5 and 1.5 into "5" and "1.5", IntegerField takes
+# "11" and 14.0, BooleanField "yes" and 1. A body here must carry each value as its JSON type.
+class StrictCharField(serializers.CharField):
+    """A JSON string only."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictEmailField(StrictCharField, serializers.EmailField):
+    """An email address, as a JSON string only."""
+
+
+class StrictChoiceField(serializers.ChoiceField):
+    """One of the choices, as a JSON string only."""
+
+    default_error_messages = {"invalid": "Not a valid string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only: not "11", not 14.0, not true."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, int) or isinstance(data, bool):
+            self.fail("invalid")
+        return data  # min_value / max_value are validators: they run after this
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """JSON true or false only: not "true", not 1."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class PriorityField(StrictChoiceField):
     """A priority by name on the wire, its rank in the database."""
 
     def __init__(self, **kwargs):
@@ -101,10 +146,8 @@ class PriorityField(serializers.ChoiceField):
 
 
 class TicketCreateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=200)
-    description = serializers.CharField(
-        max_length=10_000, required=False, allow_blank=True, default=""
-    )
+    title = StrictCharField(max_length=200)
+    description = StrictCharField(max_length=10_000, required=False, allow_blank=True, default="")
     priority = PriorityField(required=False, help_text="Default: normal.")
 
     def validate(self, attrs):
@@ -115,16 +158,23 @@ class TicketCreateSerializer(serializers.Serializer):
 class TicketUpdateSerializer(serializers.Serializer):
     """PUT replaces every writable field (all required); PATCH (partial) any subset."""
 
-    title = serializers.CharField(max_length=200)
-    description = serializers.CharField(max_length=10_000, allow_blank=True)
+    title = StrictCharField(max_length=200)
+    description = StrictCharField(max_length=10_000, allow_blank=True)
     priority = PriorityField()
-    status = serializers.ChoiceField(choices=STATUS_NAMES)
-    assigned_to = serializers.IntegerField(allow_null=True, min_value=1, max_value=MAX_USER_ID)
+    status = StrictChoiceField(choices=STATUS_NAMES)
+    assigned_to = StrictIntegerField(allow_null=True, min_value=1, max_value=MAX_USER_ID)
 
 
 class AgentTransitionSerializer(serializers.Serializer):
-    ticket_id = serializers.IntegerField(min_value=1, max_value=MAX_TICKET_ID)
-    status = serializers.ChoiceField(choices=["resolved", "closed"])
+    ticket_id = StrictIntegerField(min_value=1, max_value=MAX_TICKET_ID)
+    status = StrictChoiceField(choices=["resolved", "closed"])
+
+    def well_formed_ticket_id(self) -> int | None:
+        """After ``is_valid()`` failed: the body's ticket_id if it alone is well-formed."""
+        data = self.initial_data
+        if not isinstance(data, dict) or "ticket_id" in self.errors:
+            return None
+        return data["ticket_id"]
 
 
 class AgentSerializer(serializers.Serializer):
@@ -136,9 +186,13 @@ class AgentSerializer(serializers.Serializer):
 
 
 class AgentCreateSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
-    password = serializers.CharField(max_length=128, write_only=True, trim_whitespace=False)
-    email = serializers.EmailField(required=False, allow_blank=True)
+    username = StrictCharField(
+        max_length=150,
+        validators=[UnicodeUsernameValidator()],
+        help_text="Unique regardless of case: with alice taken, Alice is refused.",
+    )
+    password = StrictCharField(max_length=128, write_only=True, trim_whitespace=False)
+    email = StrictEmailField(required=False, allow_blank=True)
 
     def validate(self, attrs):
         candidate = get_user_model()(username=attrs["username"], email=attrs.get("email", ""))
@@ -149,6 +203,12 @@ class AgentCreateSerializer(serializers.Serializer):
         return attrs
 
 
+class AgentUpdateSerializer(serializers.Serializer):
+    is_active = StrictBooleanField(
+        help_text="false deactivates the agent (as DELETE does); true reactivates it."
+    )
+
+
 class TokenRequestSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150)
-    password = serializers.CharField(max_length=128, trim_whitespace=False)
+    username = StrictCharField(max_length=150)
+    password = StrictCharField(max_length=128, trim_whitespace=False)
