@@ -207,10 +207,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def run_uvicorn(*, workers: int = 2, env: dict[str, str] | None = None) -> Iterator[Server]:
+def run_uvicorn(*, workers: int = 2, env: dict[str, str | None] | None = None) -> Iterator[Server]:
     """Serve the app with ``workers`` uvicorn workers on a free loopback port; ``env`` adds to
-    (or overrides) the server's environment; without ``DATABASE_URL`` in it, the server uses
-    the test session's database. Yields a :class:`Server` once /healthz answers."""
+    (or overrides) the server's environment, a ``None`` value removes that variable; without
+    ``DATABASE_URL`` in it, the server uses the test session's database. Yields a
+    :class:`Server` once /healthz answers."""
     port = free_port()
     server_env = {
         **os.environ,
@@ -226,6 +227,7 @@ def run_uvicorn(*, workers: int = 2, env: dict[str, str] | None = None) -> Itera
     }
     if not env or "DATABASE_URL" not in env:  # the benchmark passes its own database
         server_env["DATABASE_URL"] = database_url()
+    server_env = {name: value for name, value in server_env.items() if value is not None}
     with tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False) as fh:
         log_path = Path(fh.name)
     with open(log_path, "wb") as log:

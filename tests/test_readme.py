@@ -1,0 +1,180 @@
+"""The README's curl examples, run as printed against the quick start.
+
+The block after ``<!-- readme-example: curl -->`` is taken from README.md as it is. The quick
+start is set up as scripts/dev.sh does it (debug on, a fresh SQLite file, ``migrate``,
+``seed_demo``), served by uvicorn on a free port; only the passwords seed_demo printed and the
+port (``localhost:8000``) are put in. bash runs the block with ``set -euo pipefail``, so a
+refused call (``--fail-with-body``) or a missing value stops it; a ``curl`` function in front
+of the block records each call's status on stderr and puts each answer on its own line.
+"""
+
+import json
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tests.servers import ROOT, run_uvicorn
+
+MARKER = "<!-- readme-example: curl -->"
+PLACEHOLDERS = {"admin": "'<admin password>'", "alice": "'<alice password>'"}
+# Records "HTTP <status> <method> <url>" on stderr; the answer ends with a newline.
+CURL_RECORDER = (
+    "curl() { command curl --write-out "
+    "'\\n%{stderr}HTTP %{http_code} %{method} %{url_effective}\\n' \"$@\"; }"
+)
+# The calls the example makes, in order, with the status each must answer.
+EXPECTED_CALLS = [
+    ("POST", "/api/auth/token/", 200),
+    ("POST", "/api/auth/token/", 200),
+    ("GET", "/api/agent/tickets/", 200),
+    ("POST", "/api/agent/tickets/", 200),
+    ("GET", "/api/agents/", 200),
+    ("POST", "/api/tickets/", 201),
+    ("GET", "/api/tickets/", 200),
+    ("PATCH", "/api/tickets/{id}/", 200),
+    ("GET", "/api/tickets/{id}/history/", 200),
+    ("DELETE", "/api/tickets/{id}/", 204),
+    ("POST", "/api/agents/", 201),
+    ("DELETE", "/api/agents/{id}/", 204),
+]
+
+
+def readme_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    assert text.count(MARKER) == 1, f"README.md needs exactly one {MARKER}"
+    match = re.match(r"\s*```sh\n(.*?)\n```\n", text.split(MARKER, 1)[1], re.DOTALL)
+    assert match, f"no ```sh block right after {MARKER}"
+    return match[1]
+
+
+def dev_env(database: Path) -> dict[str, str | None]:
+    """scripts/dev.sh's environment: debug on, SQLite, defaults for the rest (None: unset
+    what the test session or run_uvicorn would set)."""
+    unset = (
+        "DJANGO_SECRET_KEY",
+        "DJANGO_ALLOWED_HOSTS",
+        "DJANGO_SECURE_SSL_REDIRECT",
+        "DB_POOL_MIN_SIZE",
+        "DB_POOL_MAX_SIZE",
+        "DB_POOL_TIMEOUT",
+    )
+    return {
+        **dict.fromkeys(unset),
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DJANGO_DEBUG": "1",
+        "DATABASE_URL": f"sqlite:///{database}",
+    }
+
+
+def manage(*args: str, env: dict[str, str | None]) -> str:
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def passwords_from(seed_output: str) -> dict[str, str]:
+    """{username: password} from seed_demo's table (role, username, password, token)."""
+    lines = seed_output.splitlines()
+    header = next(
+        i for i, line in enumerate(lines) if line.split()[:3] == ["role", "username", "password"]
+    )
+    return {line.split()[1]: line.split()[2] for line in lines[header + 1 :] if line.strip()}
+
+
+def json_lines(text: str) -> list:
+    found = []
+    for line in text.splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
+def event_kinds(db: sqlite3.Connection, ticket_id: int) -> list[str]:
+    rows = db.execute(
+        "SELECT kind FROM support_ticketevent WHERE ticket_id = ? ORDER BY id", (ticket_id,)
+    )
+    return [kind for (kind,) in rows]
+
+
+def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
+    block = readme_block()
+    assert "localhost:8000" in block
+    assert "--write-out" not in block
+    assert not re.search(r"(^|\s)-w\s", block)
+
+    database = tmp_path / "db.sqlite3"
+    env = dev_env(database)
+    manage("migrate", "--noinput", env=env)
+    passwords = passwords_from(manage("seed_demo", env=env))
+
+    script = block
+    for user, placeholder in PLACEHOLDERS.items():
+        assert script.count(placeholder) == 1, placeholder
+        script = script.replace(placeholder, shlex.quote(passwords[user]))
+
+    with run_uvicorn(workers=1, env=env) as server:
+        script = script.replace("localhost:8000", f"localhost:{server.port}")
+        done = subprocess.run(
+            ["bash", "-c", "\n".join(["set -euo pipefail", CURL_RECORDER, script])],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    report = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, report
+
+    calls = []
+    for line in done.stderr.splitlines():
+        match = re.fullmatch(r"HTTP (\d{3}) (\w+) (\S+)", line)
+        assert match, f"unexpected output on stderr: {line!r}\n{report}"
+        path = re.sub(r"/\d+/", "/{id}/", urlsplit(match[3]).path)
+        calls.append((match[2], path, int(match[1])))
+    assert calls == EXPECTED_CALLS, report
+
+    db = sqlite3.connect(database)
+    try:
+        users = dict(db.execute("SELECT username, id FROM auth_user"))
+        answers = json_lines(done.stdout)
+        # alice's fetch: 15 tickets, all hers
+        fetched = next(a for a in answers if isinstance(a, list) and a and "status" in a[0])
+        assert len(fetched) == 15, report
+        assert {t["assigned_to"] for t in fetched} == {users["alice"]}
+        # ... and the move of one of them answered 200 with the ticket resolved
+        moved = [a for a in answers if isinstance(a, dict) and a.get("status") == "resolved"]
+        assert len(moved) == 1, report
+        assert moved[0]["id"] in {t["id"] for t in fetched}
+        assert moved[0]["assigned_to"] == users["alice"]
+        assert event_kinds(db, moved[0]["id"]) == ["created", "assigned", "status_changed"]
+        # the admin's ticket: created (201), given to carol, its history shown, deleted
+        patched = next(
+            a for a in answers if isinstance(a, dict) and a.get("title") == "VPN drops every hour"
+        )
+        assert (patched["status"], patched["assigned_to"]) == ("assigned", users["carol"])
+        history = next(a for a in answers if isinstance(a, list) and a and "kind" in a[0])
+        assert [e["kind"] for e in history] == ["created", "assigned"]
+        assert event_kinds(db, patched["id"]) == ["created", "assigned", "deleted"]
+        assert not db.execute(
+            "SELECT 1 FROM support_ticket WHERE id = ?", (patched["id"],)
+        ).fetchall()
+        # the new agent, deactivated
+        assert db.execute("SELECT is_active FROM auth_user WHERE username = 'dana'").fetchall() == [
+            (0,)
+        ]
+    finally:
+        db.close()
