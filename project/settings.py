@@ -5,7 +5,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from project.env import env_bool, env_float, env_int, env_list, env_str
+from project.env import env_bool, env_float, env_int, env_list, env_rate, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -155,13 +155,28 @@ REST_FRAMEWORK = {
 
 # Tokens expire this long after login; POST /api/auth/logout/ revokes one sooner.
 SUPPORT_TOKEN_TTL_SECONDS = env_int("SUPPORT_TOKEN_TTL_SECONDS", 7 * 24 * 3600, minimum=60)
-# DRF rate strings ("10/min", "1000/hour"); empty or unset per-user rate: no limit.
+# Rates: a count per period ("5/15min", "100/hour", "120/min"); empty: no limit. Logins:
+# README "Roles and authentication" (only failed logins count toward the first two).
 SUPPORT_THROTTLE_RATES = {
-    "login_username": env_str("SUPPORT_LOGIN_RATE_PER_USERNAME", "10/min") or None,
-    # per address: a team behind one NAT logs in at the start of a shift
-    "login_address": env_str("SUPPORT_LOGIN_RATE_PER_ADDRESS", "120/min") or None,
-    "user": env_str("SUPPORT_USER_RATE", "") or None,
+    # failures per username from one address: a guesser's own address is stopped soon
+    "login_failures_username_address": env_rate(
+        "SUPPORT_LOGIN_FAILURES_PER_USERNAME_ADDRESS", "5/15min", max_count=1000
+    ),
+    # failures per username from every address: bounds a guess spread over many addresses
+    "login_failures_username": env_rate(
+        "SUPPORT_LOGIN_FAILURES_PER_USERNAME", "100/hour", max_count=1000
+    ),
+    # every attempt per address (many names tried from one place); a team behind one NAT
+    # logs in at the start of a shift
+    "login_address": env_rate("SUPPORT_LOGIN_RATE_PER_ADDRESS", "120/min"),
+    "user": env_rate("SUPPORT_USER_RATE", ""),
 }
+if env_str("SUPPORT_LOGIN_RATE_PER_USERNAME") is not None:
+    raise ImproperlyConfigured(
+        "SUPPORT_LOGIN_RATE_PER_USERNAME is gone: it counted every attempt, so anyone could lock "
+        "an account. Failed logins are limited by SUPPORT_LOGIN_FAILURES_PER_USERNAME_ADDRESS "
+        "and SUPPORT_LOGIN_FAILURES_PER_USERNAME (README: Configuration); unset it."
+    )
 
 # Throttle counters (and any other cache use) in a database table: shared by every worker
 # process. Migration 0005 creates the table, so `migrate` is the only setup step.
@@ -169,6 +184,9 @@ CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
         "LOCATION": "support_cache",
+        # Past MAX_ENTRIES (300 by default) every write drops a third of the live entries:
+        # a flood of names tried would wipe the counters of the names that matter.
+        "OPTIONS": {"MAX_ENTRIES": 1_000_000},
     }
 }
 

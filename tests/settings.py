@@ -31,5 +31,11 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SECURE_SSL_REDIRECT = False
 # Throttle counters live in the database cache, which test flushes do not empty: generous
-# limits here; the throttling tests set tight ones with override_settings.
-SUPPORT_THROTTLE_RATES = {"login_username": "1000/min", "login_address": "1000/min", "user": None}
+# limits here (failed logins not limited); the throttling tests set tight ones with
+# override_settings.
+SUPPORT_THROTTLE_RATES = {
+    "login_failures_username_address": None,
+    "login_failures_username": None,
+    "login_address": "1000/min",
+    "user": None,
+}
