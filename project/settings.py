@@ -91,17 +91,25 @@ def database_config(url: str) -> dict:
 
     PostgreSQL goes through Django's psycopg 3 pool (CONN_MAX_AGE must stay 0 with a pool):
     at most DB_POOL_MAX_SIZE server connections per process, however many requests run.
+    Its backend (``project.postgresql``) checks each connection on checkout itself and
+    recovers from a restart or a mass disconnect at once (the module says how).
     SQLite runs write transactions as BEGIN IMMEDIATE, so they serialize and the
     assignment guarantees hold without row locks.
     """
-    config = dj_database_url.parse(url, conn_max_age=0, conn_health_checks=True)
+    config = dj_database_url.parse(url, conn_max_age=0)
     engine = config["ENGINE"]
     if engine == "django.db.backends.postgresql":
+        config["ENGINE"] = "project.postgresql"
+        # The backend checks connections on checkout; the pool's own check would run twice.
+        config["CONN_HEALTH_CHECKS"] = False
         config["OPTIONS"] = {
             "pool": {
                 "min_size": DB_POOL_MIN_SIZE,
                 "max_size": DB_POOL_MAX_SIZE,
                 "timeout": DB_POOL_TIMEOUT,
+                # A failed connection attempt is not retried on a timer (holding its place in
+                # max_size); the next request that needs a connection makes a new one.
+                "reconnect_timeout": 0,
             },
             "connect_timeout": DB_CONNECT_TIMEOUT,
             "options": (

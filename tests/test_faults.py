@@ -307,10 +307,11 @@ def test_postgres_stopped_answers_503_fast_and_the_app_recovers_by_itself():
 
         # the app recovers by itself: each probe on a new connection (either worker may take
         # it), until 20 in a row answer 200, so both workers' pools are back
-        streak, first_ok = 0, []
+        streak, first_ok, streak_from = 0, [], [0.0]
 
         def serving() -> bool:
             nonlocal streak
+            sent = time.monotonic()
             r = httpx.get(
                 f"{server.base_url}/api/tickets/",
                 headers={"Authorization": f"Token {admin.token}"},
@@ -319,11 +320,15 @@ def test_postgres_stopped_answers_503_fast_and_the_app_recovers_by_itself():
             assert r.status_code in (200, 503), r.text
             if r.status_code == 200 and not first_ok:
                 first_ok.append(time.monotonic() - restarted_at)
+            if r.status_code == 200 and streak == 0:
+                streak_from[0] = sent - restarted_at
             streak = streak + 1 if r.status_code == 200 else 0
             return streak >= 20
 
         wait_until(serving, 40, "the app serving again after PostgreSQL restarted")
         recovery = time.monotonic() - restarted_at
+        # every probe sent RECOVERY seconds after the restart was answered 200
+        assert streak_from[0] <= RECOVERY, f"503s until {streak_from[0]:.2f}s after the restart"
         assert httpx.get(f"{server.base_url}/readyz", timeout=5).status_code == 200
 
         # nothing committed before the stop is lost, nothing refused during it was written
@@ -710,4 +715,163 @@ def test_clients_that_disconnect_mid_request_leave_no_transaction_open_and_no_co
         f"one more timed out; then {len(theirs)} agents served at once, slowest "
         f"{max(c.end - c.start for c in theirs) * 1000:.0f} ms"
     )
+    assert_history(calls)
+
+
+# --- recovery with the README's pool settings -------------------------------------------------
+# The defaults of a production start (DB_POOL_MIN_SIZE 1, DB_POOL_MAX_SIZE 10, DB_POOL_TIMEOUT 5):
+# a pool that recovers only by its own reconnect schedule served 503s for 10-40 s here.
+DEFAULT_POOL = {"DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "10", "DB_POOL_TIMEOUT": "5"}
+RECOVERY = 2.0  # seconds from the database being reachable again to serving normally
+
+
+def _served(call: Call) -> bool:
+    return call.status in (200, 201)
+
+
+def _brief(calls: list[Call], t0: float) -> list[str]:
+    """Failed calls, with their times relative to ``t0``."""
+    return [
+        f"{c.kind} {c.status} {c.start - t0:+.2f}s..{c.end - t0:+.2f}s {c.json or c.error}"
+        for c in calls
+        if not _served(c)
+    ][:8]
+
+
+async def mixed_load(client, admin, agents, calls, until: float, gate=None) -> None:
+    """Six clients: two create tickets, two list them, two agents fetch and resolve."""
+
+    async def creator():
+        while time.monotonic() < until:
+            await record(client, calls, admin, "create", "POST", "/api/tickets/", {"title": "t"})
+            await asyncio.sleep(0.05)
+
+    async def lister():
+        while time.monotonic() < until:
+            await record(client, calls, admin, "list", "GET", "/api/tickets/?page_size=5")
+            await asyncio.sleep(0.05)
+
+    async def worker(agent):
+        await agents_working(client, [agent], calls, until)
+
+    await asyncio.gather(creator(), creator(), lister(), lister(), *(worker(a) for a in agents))
+
+
+def _warm(server, admin, requests: int = 40) -> None:
+    """Concurrent requests, so that both workers' pools hold several idle connections."""
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as client:
+            calls: list[Call] = []
+            await asyncio.gather(
+                *(record(client, calls, admin, "list", "GET", "/api/tickets/") for _ in range(40))
+            )
+            assert all(_served(c) for c in calls), [c for c in calls if not _served(c)][:3]
+
+    for _ in range(max(1, requests // 40)):
+        asyncio.run(burst())
+
+
+def _restart(cluster, down: float) -> tuple[float, float]:
+    """Stop PostgreSQL, keep it down ``down`` seconds, start it; (stopped at, up at)."""
+    stopped = time.time()
+    cluster.stop("fast")
+    time.sleep(down)
+    cluster.start()  # pg_ctl -w: returns once the server accepts connections
+    return stopped, time.time()
+
+
+def test_postgres_restart_under_load_and_while_idle_serves_again_within_two_seconds():
+    """`pg_ctl restart`-like outage (down 1.5 s) under six clients, then again while no request
+    runs: every request that ends more than RECOVERY seconds after the database is back
+    succeeded, and after the idle restart not one request fails or waits."""
+    cluster = getattr(test_settings, "CLUSTER", None)
+    assert cluster is not None, "needs the session's throwaway cluster (no DATABASE_URL)"
+    admin = create_user(staff=True)
+    agents = [create_user(agent=True) for _ in range(2)]
+    create_tickets(admin, 300)
+    release_test_connections()
+    with run_uvicorn(workers=WORKERS, env=DEFAULT_POOL) as server:
+        _warm(server, admin)
+        calls: list[Call] = []
+
+        async def under_load():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                until = time.monotonic() + 9.0
+                load = asyncio.ensure_future(mixed_load(client, admin, agents, calls, until))
+                await asyncio.sleep(2.0)
+                outage = await asyncio.to_thread(_restart, cluster, 1.5)
+                await load
+            return outage
+
+        _, up = asyncio.run(under_load())
+        late = [c for c in calls if c.end > up + RECOVERY]
+        assert len(late) >= 30, "too little load after the restart"
+        assert all(_served(c) for c in late), _brief(late, up)
+        assert {c.status for c in calls} <= {200, 201, 503}, {c.status for c in calls}
+        first_ok = min(c.end for c in calls if _served(c) and c.end > up)
+        print(f"\nrestart under load: first success {first_ok - up:.2f}s after the database")
+
+        # a restart while nothing runs: every pooled connection is dead, none is noticed
+        _warm(server, admin)
+        _, up = _restart(cluster, 1.5)
+        idle: list[Call] = []
+
+        async def after_idle_restart():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                for _ in range(3):
+                    await asyncio.gather(
+                        *(
+                            record(client, idle, admin, "list", "GET", "/api/tickets/")
+                            for _ in range(8)
+                        )
+                    )
+
+        asyncio.run(after_idle_restart())
+        assert all(_served(c) for c in idle), _brief(idle, up)
+        slowest = max(c.end - c.start for c in idle)
+        assert slowest < 1.0, f"a request waited {slowest:.2f}s after an idle restart"
+        assert server.proc.poll() is None
+    assert_history(calls)
+
+
+def test_connections_killed_six_times_during_a_burst_cost_only_the_requests_using_them():
+    """Six clients create, list and fetch while every app connection is terminated six times,
+    0.5 s apart. A 503 is only for a request whose connection died under it (answered at once,
+    not after a pool wait); every request that starts after the last kill succeeds."""
+    admin = create_user(staff=True)
+    agents = [create_user(agent=True) for _ in range(2)]
+    create_tickets(admin, 300)
+    release_test_connections()
+    with run_uvicorn(workers=WORKERS, env=DEFAULT_POOL) as server, outside() as injector:
+        _warm(server, admin)
+        calls: list[Call] = []
+
+        def kill_six_times() -> tuple[float, float]:
+            first = time.time()
+            for _ in range(6):
+                injector.execute(KILL_ALL)
+                time.sleep(0.5)
+            return first, time.time()
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                until = time.monotonic() + 8.0
+                load = asyncio.ensure_future(mixed_load(client, admin, agents, calls, until))
+                await asyncio.sleep(1.5)
+                kills = await asyncio.to_thread(kill_six_times)
+                await load
+            return kills
+
+        first_kill, last_kill = asyncio.run(burst())
+        assert server.proc.poll() is None
+    assert {c.status for c in calls} <= {200, 201, 503}, {c.status for c in calls}
+    for c in calls:
+        if c.status == 503:
+            assert_503(c, within=1.0)
+            assert first_kill <= c.end, c
+    after = [c for c in calls if c.start > last_kill]
+    assert len(after) >= 30, "too little load after the kills"
+    assert all(_served(c) for c in after), _brief(after, last_kill)
+    print(f"\nsix kills: {sum(c.status == 503 for c in calls)} of {len(calls)} requests 503")
     assert_history(calls)
