@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv "test,bench"
+ensure_venv requirements/dev.txt
 
 source scripts/system.sh
 ensure_postgresql
