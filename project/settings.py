@@ -275,14 +275,20 @@ if LOG_FORMAT not in ("json", "text"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "support.observability.RequestIdFilter"}},
+    "filters": {
+        "request_id": {"()": "project.logs.RequestIdFilter"},
+        "unhandled_only": {"()": "project.logs.UnhandledOnly"},
+    },
     "formatters": {
         "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
+            "()": "project.logs.JsonFormatter",
             "format": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "text": {
+            "()": "project.logs.TextFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+        },
     },
     "handlers": {
         "console": {
@@ -295,9 +301,9 @@ LOGGING = {
     "loggers": {
         # SQL carries token keys and password hashes: never log it, whatever LOG_LEVEL says.
         "django.db.backends": {"level": "WARNING"},
-        # One access line per request comes from support.request; Django's own 4xx warnings
-        # would repeat it.
-        "django.request": {"level": "ERROR"},
+        # One access line per request comes from support.request; Django's own lines for 4xx
+        # and 5xx answers would repeat it: only crashes, with their traceback, pass.
+        "django.request": {"level": "ERROR", "filters": ["unhandled_only"]},
         "httpx": {"level": "WARNING"},
     },
 }

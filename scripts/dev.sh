@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv ""
+ensure_venv requirements/prod.txt
 
 export DJANGO_DEBUG="${DJANGO_DEBUG:-1}"
 python manage.py migrate --noinput
@@ -11,4 +11,4 @@ python manage.py seed_demo
 port="${PORT:-8000}"
 echo
 echo "Serving on http://127.0.0.1:$port/  (try: curl -H 'Authorization: Token <token>' http://127.0.0.1:$port/api/agent/tickets/)"
-exec uvicorn project.asgi:application --host 127.0.0.1 --port "$port"
+exec python -m project.serve --no-migrate --host 127.0.0.1 --port "$port"

@@ -8,8 +8,8 @@
   workers) each process writes its samples there and ``/metrics`` adds them up.
 """
 
-import contextvars
 import logging
+import os
 import re
 import time
 import uuid
@@ -17,7 +17,15 @@ import uuid
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from prometheus_client import Counter, Histogram
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from project.logs import RequestIdFilter, request_id_var
+
+__all__ = ["RequestIdFilter", "log_event", "request_id_var"]
+
+# In multiprocess mode every metric below writes to this folder as it is created: a missing one
+# would make any command that loads the app fail (python -m project.serve prepares it).
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 _CLEAN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("support.request")
@@ -52,15 +60,6 @@ AGENT_LOCK_WAIT = Histogram(
 LOCK_TIMEOUTS = Counter(
     "support_lock_timeouts_total", "Requests that gave up waiting for a database lock"
 )
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` to every record (``-`` outside a request)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
-        return True
 
 
 def log_event(message: str, **fields) -> None:
@@ -128,6 +127,7 @@ class RequestLogMiddleware:
                 "method": request.method,
                 "route": route,
                 "path": request.path,
+                "client": request.META.get("REMOTE_ADDR", ""),
                 "status": response.status_code,
                 "duration_ms": round(duration * 1000, 3),
             },

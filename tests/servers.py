@@ -1,9 +1,10 @@
 """A real uvicorn serving the app on loopback against this session's test database.
 
-``run_uvicorn(workers=2, env={...})`` starts ``python -m uvicorn project.asgi:application`` on a
-free TCP port (``--lifespan off --no-access-log``) with production settings (debug off, a
-secret key, no SSL redirect) and ``DATABASE_URL`` pointing at the database the tests use
-(so data committed by a ``transaction=True`` test is what the server sees). It waits for
+``run_uvicorn(workers=2, env={...})`` starts the app as production does, with ``python -m
+project.serve`` (uvicorn, the service's logging, a metrics folder shared by the workers), on a
+free TCP port, without migrating (the test database is), with production settings (debug off, a
+secret key, no SSL redirect) and ``DATABASE_URL`` pointing at the database the tests use (so
+data committed by a ``transaction=True`` test is what the server sees). It waits for
 ``/healthz``, writes the server's output to a temporary file that is added to any exception
 raised inside the ``with`` block, and always stops the server: terminate, wait, then kill its
 process group (the server and the workers it started).
@@ -235,17 +236,14 @@ def run_uvicorn(*, workers: int = 2, env: dict[str, str | None] | None = None) -
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "project.asgi:application",
+                "project.serve",  # the README's entry point; the test database is migrated
+                "--no-migrate",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(port),
                 "--workers",
                 str(workers),
-                "--lifespan",
-                "off",
-                "--no-access-log",
             ],
             cwd=ROOT,
             env=server_env,

@@ -1,10 +1,11 @@
 """``/metrics`` for Prometheus, readable as configured (METRICS_TOKEN, METRICS_PUBLIC)."""
 
 import hmac
+import multiprocessing
 import os
 
 from django.conf import settings
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
 from drf_spectacular.utils import extend_schema
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -35,8 +36,15 @@ if not _MULTIPROCESS:
     REGISTRY.register(OpenTicketsCollector())
 
 
+class MetricsNotShared(Exception):
+    """A worker of a multi-process server without a shared metrics folder."""
+
+
 def _scrape() -> bytes:
     if not _MULTIPROCESS:
+        if multiprocessing.parent_process() is not None:
+            # one worker among several: its own counts would pass for the whole server's
+            raise MetricsNotShared
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # every worker's samples, added up
@@ -64,6 +72,15 @@ class MetricsView(APIView):
 
     @extend_schema(exclude=True)
     async def get(self, request):
-        return await self.in_thread(
-            lambda: HttpResponse(_scrape(), content_type=CONTENT_TYPE_LATEST)
-        )
+        return await self.in_thread(self._answer)
+
+    @staticmethod
+    def _answer():
+        try:
+            return HttpResponse(_scrape(), content_type=CONTENT_TYPE_LATEST)
+        except MetricsNotShared:
+            detail = (
+                "This worker's metrics are only its share: serve with python -m project.serve,"
+                " or give the workers a shared PROMETHEUS_MULTIPROC_DIR."
+            )
+            return JsonResponse({"detail": detail}, status=503)

@@ -1,0 +1,126 @@
+"""Run the service: ``python -m project.serve`` (README: Production).
+
+One entry point, so that nothing depends on the order of a recipe's steps:
+
+1. the settings are read (a bad value stops here, before anything runs);
+2. migrations run, in a process of their own without a statement timeout (an index build may
+   take long), unless ``--no-migrate``;
+3. the metrics folder is made ready: with several workers each one writes its samples to a
+   folder they share and every scrape adds them all up (prometheus-client's multiprocess mode);
+   without one, each scrape would show one worker's share. ``PROMETHEUS_MULTIPROC_DIR`` names
+   it; unset, a private folder is made for this run and removed at exit. Samples of an earlier
+   run are deleted first;
+4. uvicorn serves ``project.asgi:application`` with the service's own logging (uvicorn's lines
+   too, as JSON), its one access line per request (uvicorn's own access log off), forwarded
+   headers from ``FORWARDED_ALLOW_IPS`` only, and no lifespan protocol (the app has none).
+
+``--workers`` defaults to ``$WEB_CONCURRENCY`` (else 1), ``--port`` to ``$PORT`` (else 8000).
+"""
+
+import argparse
+import glob
+import logging
+import logging.config
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+APP = "project.asgi:application"
+log = logging.getLogger("support.serve")
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m project.serve", description=__doc__.split("\n")[0]
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--uds", help="serve on this unix socket (behind nginx)")
+    where.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    parser.add_argument("--no-migrate", dest="migrate", action="store_false")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def _migrate() -> None:
+    """``migrate`` in a process of its own; its output becomes one log record."""
+    env = {**os.environ, "DB_STATEMENT_TIMEOUT_MS": "0"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its metrics are not the server's
+    command = [sys.executable, "-m", "django", "migrate", "--noinput"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)  # noqa: S603
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        log.error("migrations failed", extra={"output": output})
+        raise SystemExit(done.returncode)
+    applied = [line.split()[1].rstrip(".") for line in output.splitlines() if "Applying" in line]
+    log.info("migrations done", extra={"applied": applied})
+
+
+def _metrics_folder(workers: int) -> str | None:
+    """Make PROMETHEUS_MULTIPROC_DIR ready; returns a folder made for this run, to remove."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        if workers == 1:
+            return None  # one process: its own registry is the whole picture
+        made = tempfile.mkdtemp(prefix="support-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+        return made
+    os.makedirs(given, exist_ok=True)
+    for stale in glob.glob(os.path.join(given, "*.db")):  # a previous run's samples
+        os.remove(stale)
+    return None
+
+
+def _clear_stale_socket(path: str) -> None:
+    """A socket file left by a server that died is removed; a live one stops the start."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.remove(path)
+    else:
+        raise SystemExit(f"{path}: another server is listening there")
+    finally:
+        probe.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)  # also checks every setting
+    if args.migrate:
+        _migrate()
+    made = _metrics_folder(args.workers)
+    if args.uds:
+        _clear_stale_socket(args.uds)
+    import uvicorn
+
+    try:
+        uvicorn.run(
+            APP,
+            uds=args.uds,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            lifespan="off",
+            proxy_headers=True,  # from FORWARDED_ALLOW_IPS only (uvicorn's default: 127.0.0.1)
+            access_log=False,  # support.request writes one line per request
+            log_config=None,  # the service's LOGGING, in every process
+        )
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
