@@ -40,6 +40,10 @@ class JsonFormatter(_JsonFormatter):
     def formatTime(self, record, datefmt=None):
         return _iso(record)
 
+    def add_fields(self, log_data, record, message_dict):
+        super().add_fields(log_data, record, message_dict)
+        log_data.pop("color_message", None)  # uvicorn's copy of the message, with ANSI colours
+
 
 class TextFormatter(logging.Formatter):
     def formatTime(self, record, datefmt=None):
