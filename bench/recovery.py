@@ -13,8 +13,9 @@ clients creating, listing and fetching tickets every 50 ms, and one fault:
 
 Recovery is measured from the moment the database is reachable again (the restart's start
 returned; the last kill was sent) to the end of the last failed request that ended after it
-(0 when none did): from then on, every request succeeded. Also reported: failures of requests
-that started after that moment (should be none), and the slowest failed request.
+(0 when none did): from then on, every request succeeded. Also reported: when the requests
+that were waiting through the fault had all been answered, failures of requests that started
+after that moment (should be none), and the slowest failed request.
 """
 
 import argparse
@@ -97,8 +98,11 @@ async def load(base: str, tokens: list[str], until: float, calls: list) -> None:
 def measure(calls: list, back: float) -> dict:
     failed = [c for c in calls if c[2] not in (200, 201)]
     late = [c for c in failed if c[1] > back]
+    waited = [c for c in calls if c[0] < back < c[1] and c[2] in (200, 201)]
     return {
         "recovery": max((c[1] - back for c in late), default=0.0),
+        # requests held through the outage and served after it: when the last one was
+        "held_served": max((c[1] - back for c in waited), default=0.0),
         "failed_after": sum(c[0] > back for c in failed),
         "slowest_failure": max((c[1] - c[0] for c in failed), default=0.0),
         "requests": len(calls),
@@ -172,7 +176,8 @@ def main() -> None:
                 cluster.stop("immediate")
             runs.append(results)
             figures = "; ".join(
-                f"recovery {r['recovery']:.2f}s, {r['failed']}/{r['requests']} failed, "
+                f"recovery {r['recovery']:.2f}s, held requests served by "
+                f"{r['held_served']:.2f}s, {r['failed']}/{r['requests']} failed, "
                 f"{r['failed_after']} after, slowest failure {r['slowest_failure']:.2f}s"
                 for r in results
             )
@@ -182,9 +187,11 @@ def main() -> None:
             recoveries = [r[part]["recovery"] for r in runs]
             after = sum(r[part]["failed_after"] for r in runs)
             slowest = max(r[part]["slowest_failure"] for r in runs)
+            held = max(r[part]["held_served"] for r in runs)
             print(
                 f"== {name}: {len(runs)} repeats; recovery worst {max(recoveries):.2f}s, "
-                f"median {statistics.median(recoveries):.2f}s; failures of requests started "
+                f"median {statistics.median(recoveries):.2f}s; requests held through the "
+                f"fault all served by {held:.2f}s after it; failures of requests started "
                 f"after the database was back: {after}; slowest failed request {slowest:.2f}s"
             )
 

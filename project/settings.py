@@ -107,9 +107,6 @@ def database_config(url: str) -> dict:
                 "min_size": DB_POOL_MIN_SIZE,
                 "max_size": DB_POOL_MAX_SIZE,
                 "timeout": DB_POOL_TIMEOUT,
-                # A failed connection attempt is not retried on a timer (holding its place in
-                # max_size); the next request that needs a connection makes a new one.
-                "reconnect_timeout": 0,
             },
             "connect_timeout": DB_CONNECT_TIMEOUT,
             "options": (

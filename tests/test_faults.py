@@ -875,3 +875,49 @@ def test_connections_killed_six_times_during_a_burst_cost_only_the_requests_usin
     assert all(_served(c) for c in after), _brief(after, last_kill)
     print(f"\nsix kills: {sum(c.status == 503 for c in calls)} of {len(calls)} requests 503")
     assert_history(calls)
+
+
+def test_a_refusing_database_sees_a_few_attempts_per_second_and_requests_wait_in_order():
+    """PostgreSQL stopped for 3 s while 16 requests wait for connections: each worker's pool
+    tries to connect a few times a second (not once per waiting request), every waiting
+    request is served once PostgreSQL is back, and within its pool wait."""
+    cluster = getattr(test_settings, "CLUSTER", None)
+    assert cluster is not None, "needs the session's throwaway cluster (no DATABASE_URL)"
+    admin = create_user(staff=True)
+    release_test_connections()
+    env = {**DEFAULT_POOL, "DB_POOL_TIMEOUT": "8"}
+    with run_uvicorn(workers=WORKERS, env=env) as server:
+        _warm(server, admin)
+        waited: list[Call] = []
+
+        async def wait_through_the_outage():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                await asyncio.sleep(0.5)  # PostgreSQL is down by now
+                await asyncio.gather(
+                    *(
+                        record(client, waited, admin, "list", "GET", "/api/tickets/")
+                        for _ in range(16)
+                    )
+                )
+
+        def outage() -> float:
+            cluster.stop("fast")
+            time.sleep(3.0)
+            cluster.start()
+            return time.time()
+
+        async def scenario():
+            return (await asyncio.gather(asyncio.to_thread(outage), wait_through_the_outage()))[0]
+
+        before = server.log().count("error connecting in")
+        up = asyncio.run(scenario())
+        time.sleep(0.3)
+        attempts = server.log().count("error connecting in") - before
+    assert all(_served(c) for c in waited), _brief(waited, up)
+    assert max(c.end for c in waited) - up < RECOVERY
+    # per worker: a replacement for each pooled connection found dead (psycopg tries twice),
+    # then one retry per 0.25 s (two tries) while requests wait; asking again per waiting
+    # request made 136 here
+    budget = WORKERS * (2 * int(DEFAULT_POOL["DB_POOL_MAX_SIZE"]) + 2 * 3.0 / 0.25)
+    assert attempts <= budget, f"{attempts} connection attempts, more than {budget}"
+    print(f"\n3 s down, 16 waiting: {attempts} connection attempts, all served")

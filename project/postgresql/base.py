@@ -11,16 +11,25 @@ psycopg_pool's own recovery suits a database that fails rarely and one connectio
   ``max_size`` meanwhile, so once the database is back the pool opens nothing new until those
   timers fire: 503s for tens of seconds.
 
-Here the check runs in :meth:`DatabaseWrapper.get_new_connection` instead: a broken connection
-is closed and given back (the pool opens a replacement), the other idle connections are
-checked at once (they most likely died the same way), and the request takes the next one
-without sleeping, within its one pool wait. The pool gives up a failed connection attempt at
-once (``reconnect_timeout=0``, set in ``project.settings``): nothing holds a place on a timer;
-a request that waits asks again every ``ASK_AGAIN_AFTER`` seconds, and each ask lets the pool
-make a new attempt. So the service serves again as soon as a
-connection can be opened, and a request meets a dead connection only if it dies while in use.
+Here:
+
+- the check runs in :meth:`DatabaseWrapper.get_new_connection`: a broken connection is closed
+  and given back (the pool opens a replacement), the other idle connections are checked at
+  once (they most likely died the same way), and the request takes the next one without
+  sleeping, within its one pool wait;
+- a failed connection attempt gives up its place at once (``reconnect_timeout=0``: psycopg
+  tries twice, then calls ``reconnect_failed``), and while requests wait for a connection
+  :func:`retry_while_waiting` lets the pool try again every ``RETRY_EVERY`` seconds: the
+  oldest waiter gets the first connection that opens, in the pool's first-come order, and
+  nothing is tried while nobody waits (the next request's wait starts a new attempt).
+
+So the service serves again as soon as a connection can be opened, a request meets a dead
+connection only if it dies while in use, and a database that refuses connections sees at most
+a few attempts per second from each worker. Why an attempt failed is in the ``psycopg.pool``
+warnings of the log; the request itself answers 503 after ``DB_POOL_TIMEOUT``.
 """
 
+import random
 import threading
 from time import monotonic
 
@@ -29,15 +38,40 @@ from django.db.backends.postgresql import base
 from psycopg import Error, IsolationLevel
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-# A request that has waited this long for a connection asks the pool again, which lets it try
-# to open one again if its last attempt failed (nothing else would before the next request).
-ASK_AGAIN_AFTER = 0.5
+RETRY_EVERY = 0.25  # seconds between attempts while requests wait and the database refuses
+
+_retry_pending = threading.Lock()  # one scheduled retry at a time per process
+
+
+def retry_while_waiting(pool: ConnectionPool) -> None:
+    """psycopg_pool's ``reconnect_failed`` callback: an attempt failed and gave up its place.
+
+    If requests are waiting, ask the pool to try again shortly; ``check()`` lets it grow by
+    one connection (and checks the idle ones, of which there are none while it fails)."""
+    if pool.get_stats().get("requests_waiting", 0) == 0 or not _retry_pending.acquire(False):
+        return
+
+    def retry():
+        _retry_pending.release()
+        if not pool.closed:
+            pool.check()
+
+    timer = threading.Timer(RETRY_EVERY * random.uniform(0.8, 1.2), retry)  # noqa: S311
+    timer.daemon = True
+    timer.start()
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
     # One purge of the idle connections at a time per process: the threads that meet a dead
     # connection meanwhile only replace their own.
     _purging = threading.Lock()
+
+    def __init__(self, settings_dict, alias="default"):
+        pool = settings_dict.get("OPTIONS", {}).get("pool")
+        if isinstance(pool, dict):
+            pool.setdefault("reconnect_timeout", 0)
+            pool.setdefault("reconnect_failed", retry_while_waiting)
+        super().__init__(settings_dict, alias)
 
     def get_new_connection(self, conn_params):
         pool = self.pool
@@ -49,17 +83,14 @@ class DatabaseWrapper(base.DatabaseWrapper):
         pool.open()
         deadline = monotonic() + pool.timeout
         while (remaining := deadline - monotonic()) > 0:
-            try:
-                connection = pool.getconn(timeout=min(remaining, ASK_AGAIN_AFTER))
-            except PoolTimeout:
-                continue
+            connection = pool.getconn(timeout=remaining)  # raises PoolTimeout when it is up
             try:
                 ConnectionPool.check_connection(connection)
             except Error:
                 self._discard(pool, connection)
             else:
                 return connection
-        raise PoolTimeout(f"couldn't get a connection after {pool.timeout:.2f} sec")
+        raise PoolTimeout(f"couldn't get a working connection after {pool.timeout:.2f} sec")
 
     def _discard(self, pool: ConnectionPool, connection) -> None:
         """Give back a dead connection (the pool replaces it), then check the idle ones."""
