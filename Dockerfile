@@ -1,7 +1,8 @@
 # The ticket service: python -m project.serve (migrations, then uvicorn with $WEB_CONCURRENCY
 # workers on $PORT), PostgreSQL via DATABASE_URL. tests/test_production.py runs these RUN steps,
 # the CMD and the HEALTHCHECK outside Docker.
-FROM python:3.12-slim
+# The Python the lock files are resolved for (scripts/lock.sh, CI).
+FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -16,11 +17,11 @@ RUN useradd --create-home --uid 10001 app
 # The pinned dependencies first (a layer that changes only with the lock file), then the code.
 COPY requirements/prod.txt ./requirements/prod.txt
 RUN pip install --no-cache-dir --require-hashes -r requirements/prod.txt
-COPY pyproject.toml README.md manage.py ./
+COPY manage.py ./
 COPY project ./project
 COPY support ./support
-RUN pip install --no-cache-dir --no-deps . \
-    && DJANGO_SECRET_KEY=build-only python manage.py collectstatic --noinput
+# The code runs from /app (no install of the project: nothing unpinned is fetched).
+RUN DJANGO_SECRET_KEY=build-only python manage.py collectstatic --noinput
 
 # The socket folder shared with nginx (docker-compose.yml): Docker copies this ownership into
 # the fresh volume, so the non-root app can create its socket there.

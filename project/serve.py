@@ -8,27 +8,35 @@ One entry point, so that nothing depends on the order of a recipe's steps:
 3. the metrics folder is made ready: with several workers each one writes its samples to a
    folder they share and every scrape adds them all up (prometheus-client's multiprocess mode);
    without one, each scrape would show one worker's share. ``PROMETHEUS_MULTIPROC_DIR`` names
-   it; unset, a private folder is made for this run and removed at exit. Samples of an earlier
-   run are deleted first;
-4. uvicorn serves ``project.asgi:application`` with the service's own logging (uvicorn's lines
-   too, as JSON), its one access line per request (uvicorn's own access log off), forwarded
-   headers from ``FORWARDED_ALLOW_IPS`` only, and no lifespan protocol (the app has none).
+   it; unset, a private folder is made for this run and removed at exit. An earlier run's
+   samples are deleted first, and a second server given the same folder is refused (a lock);
+4. uvicorn serves ``project.asgi:application`` with the service's logging set in every process
+   before it loads the app (uvicorn's lines too, as JSON), one access line per request
+   (uvicorn's own access log off), forwarded headers from ``FORWARDED_ALLOW_IPS`` only, no
+   lifespan protocol (the app has none), and 20 s for requests under way at a stop.
+
+SIGTERM stops it at any step, the migration included (also as PID 1 in a container).
 
 ``--workers`` defaults to ``$WEB_CONCURRENCY`` (else 1), ``--port`` to ``$PORT`` (else 8000).
 """
 
 import argparse
+import fcntl
 import glob
+import json
 import logging
 import logging.config
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 
 APP = "project.asgi:application"
+# prometheus-client's files in multiprocess mode: the only ones deleted from the folder.
+SAMPLE_FILES = ("counter_*.db", "gauge_*.db", "histogram_*.db", "summary_*.db")
 log = logging.getLogger("support.serve")
 
 
@@ -62,19 +70,28 @@ def _migrate() -> None:
     log.info("migrations done", extra={"applied": applied})
 
 
-def _metrics_folder(workers: int) -> str | None:
-    """Make PROMETHEUS_MULTIPROC_DIR ready; returns a folder made for this run, to remove."""
+def _metrics_folder(workers: int) -> tuple[str | None, object]:
+    """Make PROMETHEUS_MULTIPROC_DIR ready: (a folder made for this run, to remove; the lock
+    that keeps a second server from sharing the folder, held while this one runs)."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not given:
         if workers == 1:
-            return None  # one process: its own registry is the whole picture
-        made = tempfile.mkdtemp(prefix="support-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
-        return made
-    os.makedirs(given, exist_ok=True)
-    for stale in glob.glob(os.path.join(given, "*.db")):  # a previous run's samples
-        os.remove(stale)
-    return None
+            return None, None  # one process: its own registry is the whole picture
+        given = tempfile.mkdtemp(prefix="support-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = given
+        made = given
+    else:
+        os.makedirs(given, exist_ok=True)
+        made = None
+    lock = open(os.path.join(given, ".serve.lock"), "w")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"{given}: another server's workers write their metrics there") from None
+    for pattern in SAMPLE_FILES:  # a previous run's samples
+        for stale in glob.glob(os.path.join(given, pattern)):
+            os.remove(stale)
+    return made, lock
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -92,15 +109,43 @@ def _clear_stale_socket(path: str) -> None:
         probe.close()
 
 
+def _stop_on_sigterm() -> None:
+    """Until uvicorn takes over its signals: SIGTERM ends the start (and the migration under
+    way), also as PID 1 in a container, where an unhandled SIGTERM is ignored."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _settings():
+    try:
+        from django.conf import settings
+
+        settings.LOGGING  # noqa: B018 (reads and checks every setting)
+    except Exception as exc:  # no logging yet: say it as one JSON line
+        print(
+            json.dumps(
+                {"level": "CRITICAL", "logger": "support.serve", "message": f"settings: {exc}"}
+            ),
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return settings
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-    from django.conf import settings
-
-    logging.config.dictConfig(settings.LOGGING)  # also checks every setting
+    settings = _settings()
+    logging.config.dictConfig(settings.LOGGING)
+    logging.captureWarnings(True)
+    sys.excepthook = lambda *exc_info: log.critical("start failed", exc_info=exc_info)
+    _stop_on_sigterm()
     if args.migrate:
         _migrate()
-    made = _metrics_folder(args.workers)
+    made, _lock = _metrics_folder(args.workers)
     if args.uds:
         _clear_stale_socket(args.uds)
     import uvicorn
@@ -115,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
             lifespan="off",
             proxy_headers=True,  # from FORWARDED_ALLOW_IPS only (uvicorn's default: 127.0.0.1)
             access_log=False,  # support.request writes one line per request
-            log_config=None,  # the service's LOGGING, in every process
+            # the service's logging in every process, set before a worker loads the app
+            log_config=settings.LOGGING,
+            timeout_graceful_shutdown=20,
         )
     finally:
         if made:

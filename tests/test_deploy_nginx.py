@@ -18,6 +18,7 @@ for a client that reaches the app without nginx.
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -34,10 +35,11 @@ import httpx
 import pytest
 import yaml
 from django.conf import settings
+from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
 from django.db import connection
 
 from support.models import Ticket
-from tests.conftest import create_user
+from tests.conftest import PASSWORD, create_user
 from tests.invariants import assert_invariants
 from tests.servers import database_url, free_port
 
@@ -398,6 +400,34 @@ def test_agent_flow_through_nginx(stack):
     assert Ticket.objects.filter(status="assigned").count() == 15
     assert Ticket.objects.filter(status="open").count() == 4
     assert_invariants()
+
+
+def test_nginx_on_another_port_links_and_admin_login_keep_that_port(stack):
+    """nginx's TLS server here listens on a port of its own, not 443: the list's links carry
+    it, and the admin site's login passes Django's CSRF origin check without any
+    DJANGO_CSRF_TRUSTED_ORIGINS (nginx passes the Host as the client sent it)."""
+    admin = create_user(staff=True)
+    # the server hashes as production does; the tests' fast hasher is not among its hashers
+    admin.password = make_password(PASSWORD, hasher=PBKDF2PasswordHasher())
+    admin.save(update_fields=["password"])
+    origin = f"https://127.0.0.1:{stack.tls_port}"
+    with stack.client("tls", admin.token) as api:
+        for n in range(3):
+            assert api.post("/api/tickets/", json={"title": f"t{n}"}).status_code == 201
+        page = api.get("/api/tickets/?page_size=1").json()
+    assert page["next"].startswith(f"{origin}/api/tickets/?"), page["next"]
+
+    with stack.client("tls") as browser:
+        form = browser.get("/admin/login/")
+        assert form.status_code == 200
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text).group(1)
+        login = browser.post(
+            "/admin/login/?next=/admin/",
+            data={"username": admin.username, "password": PASSWORD, "csrfmiddlewaretoken": token},
+            headers={"Origin": origin, "Referer": f"{origin}/admin/login/"},
+        )
+    assert login.status_code == 302, login.text[:500]
+    assert login.headers["location"] == "/admin/"
 
 
 def test_forwarded_headers_count_only_from_the_proxy(stack):

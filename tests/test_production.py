@@ -487,3 +487,47 @@ def test_plain_uvicorn_with_workers_and_no_metrics_folder_says_so(tmp_path):
         assert "project.serve" in scrape.json()["detail"]
     finally:
         stop(proc)
+
+
+def test_a_second_server_is_refused_the_metrics_folder_of_a_running_one(tmp_path):
+    folder = tmp_path / "metrics"
+    with run_uvicorn(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(folder)}) as server:
+        assert httpx.get(f"{server.base_url}/api/tickets/").status_code == 401
+        samples = sorted(p.name for p in folder.glob("*.db"))
+        assert samples
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(folder),
+            "DATABASE_URL": database_url(),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "project.serve",
+            "--no-migrate",
+            "--workers",
+            "2",
+            "--port",
+            str(free_port()),
+        ]
+        second = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode != 0
+        assert "another server" in second.stderr
+        assert sorted(p.name for p in folder.glob("*.db")) == samples, "the first one's samples"
+
+
+def test_a_bad_setting_stops_the_start_with_one_json_line():
+    env = {**os.environ, "LOG_FORMAT": "xml", "DATABASE_URL": database_url()}
+    done = subprocess.run(
+        [sys.executable, "-m", "project.serve", "--no-migrate"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    (line,) = json_lines(done.stderr)
+    assert "LOG_FORMAT" in line["message"]
