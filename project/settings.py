@@ -6,6 +6,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from project.env import env_bool, env_float, env_int, env_list, env_rate, env_str
+from support import rules
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -213,9 +214,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
-        "TicketStatusEnum": ["open", "assigned", "resolved", "closed"],
+        "TicketStatusEnum": list(rules.STATUSES),
         "TicketPriorityEnum": ["low", "normal", "high", "urgent"],
-        "AgentMoveEnum": ["resolved", "closed"],
+        "AgentMoveEnum": list(rules.AGENT_TARGETS),
     },
 }
 

@@ -23,7 +23,6 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.options import csrf_protect_m
-from django.contrib.admin.utils import display_for_value
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import UserChangeForm as DjangoUserChangeForm
@@ -101,6 +100,11 @@ class TicketChangeForm(forms.ModelForm):
             self.fields["assigned_to"].queryset = agent_choices(holder_id=holder_id)
         for field in self.fields.values():
             field.show_hidden_initial = True
+
+    def _get_validation_exclusions(self):
+        # Status and holder are the service's to judge, together (the model's CHECK would see
+        # them half-built on the form's copy of the ticket).
+        return {*super()._get_validation_exclusions(), "status", "assigned_to", "assigned_at"}
 
     def _post_clean(self):
         # After the model's own validation, so that nothing can turn the form invalid once the
@@ -203,10 +207,10 @@ class HolderFilter(admin.SimpleListFilter):
         if value is None:
             return queryset
         if value == self.POOL:
-            return queryset.filter(active__id__isnull=True)
+            return queryset.filter(status="open")  # no agent: the pool (ticket_pool_idx)
         if not (value.isascii() and value.isdigit() and len(value) <= 18):
             return queryset.none()
-        return queryset.filter(active__agent_id=int(value))
+        return queryset.filter(assigned_to_id=int(value))
 
 
 @admin.register(Ticket)
@@ -239,12 +243,9 @@ class TicketAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return (
-            services.tickets_with_holder()
-            .annotate(
-                holder_id=F("active__agent_id"),
-                holder_name=F("active__agent__username"),
-                holder_assigned_at=F("active__assigned_at"),
-            )
+            super()
+            .get_queryset(request)
+            .annotate(holder_id=F("assigned_to_id"), holder_name=F("assigned_to__username"))
             .select_related("created_by")
         )
 
@@ -255,10 +256,6 @@ class TicketAdmin(admin.ModelAdmin):
     @admin.display(description="agent", ordering="holder_name", empty_value="—")
     def holder(self, obj):
         return obj.holder_name
-
-    @admin.display(description="assigned at")
-    def assigned_at(self, obj):
-        return display_for_value(obj.holder_assigned_at, self.get_empty_value_display())
 
     # --- Forms ---------------------------------------------------------------------------
     def get_fieldsets(self, request, obj=None):
@@ -290,7 +287,7 @@ class TicketAdmin(admin.ModelAdmin):
             priority=form.cleaned_data["priority"],
             created_by_id=request.user.pk,
         )
-        for name in services.TICKET_FIELDS:
+        for name in services.ROW_FIELDS:
             setattr(obj, "pk" if name == "id" else name, row[name])
         obj._state.adding = False
         obj._state.db = "default"

@@ -5,13 +5,12 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from support import rules
+
 
 class Ticket(models.Model):
-    class Status(models.TextChoices):
-        OPEN = "open"
-        ASSIGNED = "assigned"
-        RESOLVED = "resolved"
-        CLOSED = "closed"
+    # The statuses of support.rules, where the moves between them are.
+    Status = models.TextChoices("Status", [(s.name, s.value) for s in rules.Status])
 
     class Priority(models.IntegerChoices):
         # Stored as a rank so that "highest first" is a plain index order.
@@ -29,6 +28,20 @@ class Ticket(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="created_tickets"
     )
+    # The holder: the agent working the ticket (assigned), or who worked it (resolved, closed);
+    # none while it is open, in the pool. Written with the ticket's status in one UPDATE by
+    # support.services.records, which also keeps the ticket's assignment record.
+    assigned_to = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="held_tickets",
+        # No index of all an agent's tickets: with one, stale statistics let the planner read
+        # an agent's whole history for "what do I hold" instead of ticket_held_idx.
+        db_index=False,
+    )
+    assigned_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
@@ -37,6 +50,13 @@ class Ticket(models.Model):
                 fields=["-priority", "created_at", "id"],
                 condition=Q(status="open"),
                 name="ticket_pool_idx",
+            ),
+            # What an agent holds (counts toward its cap), in answer order; its resolved and
+            # closed tickets are not in it, however many.
+            models.Index(
+                fields=["assigned_to", "assigned_at", "id"],
+                condition=Q(status="assigned"),
+                name="ticket_held_idx",
             ),
             # The admin list's default order, and its status filter.
             models.Index(fields=["-created_at", "-id"], name="ticket_newest_idx"),
@@ -48,6 +68,14 @@ class Ticket(models.Model):
                 name="ticket_status_valid",
             ),
             models.CheckConstraint(condition=Q(priority__lte=3), name="ticket_priority_valid"),
+            # support.rules: a ticket is open exactly when it has no agent.
+            models.CheckConstraint(
+                condition=(
+                    Q(status="open", assigned_to__isnull=True, assigned_at__isnull=True)
+                    | (~Q(status="open") & Q(assigned_to__isnull=False, assigned_at__isnull=False))
+                ),
+                name="ticket_open_iff_no_agent",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -55,24 +83,21 @@ class Ticket(models.Model):
 
 
 class TicketAssignment(models.Model):
-    """Who holds (or held) a ticket. At most one row per ticket is active."""
+    """The record of every assignment: who was given a ticket, when, and whether it still holds
+    it. Written with every change of holder (support.services.records), never read on the hot
+    paths, which read the holder from the ticket row. At most one row per ticket is active,
+    and it names the ticket's ``assigned_to``."""
 
     ticket = models.ForeignKey(Ticket, on_delete=models.CASCADE, related_name="assignments")
     agent = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.PROTECT,
         related_name="ticket_assignments",
-        # No index of all an agent's rows: with one, stale statistics let the planner read an
-        # agent's whole history for "what do I hold" instead of assignment_agent_holding_idx.
+        # Written with every fetch, never read on a hot path: no index to keep up.
         db_index=False,
     )
     assigned_at = models.DateTimeField(default=timezone.now)
     is_active = models.BooleanField(default=True)
-    # True while the ticket is in status assigned: the rows that count toward the agent's cap.
-    # A copy of the ticket's status, kept by support.services in the same transaction as every
-    # status change, so that "what do I hold" is read from one small index however many
-    # resolved and closed tickets the agent has worked.
-    holding = models.BooleanField(default=True, db_default=True)
 
     class Meta:
         constraints = [
@@ -80,15 +105,6 @@ class TicketAssignment(models.Model):
                 fields=["ticket"],
                 condition=Q(is_active=True),
                 name="one_active_assignment_per_ticket",
-            ),
-        ]
-        indexes = [
-            # "What do I hold": the tickets an agent works, in answer order; history (its
-            # resolved and closed tickets) is not in this index.
-            models.Index(
-                fields=["agent", "assigned_at", "ticket"],
-                condition=Q(is_active=True, holding=True),
-                name="assignment_agent_holding_idx",
             ),
         ]
 

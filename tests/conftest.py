@@ -6,6 +6,7 @@ import httpx
 import pytest
 from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
+from django.utils import timezone
 
 from support import services
 from support.models import ApiToken, Ticket, TicketAssignment, TicketEvent
@@ -101,6 +102,19 @@ def create_tickets(creator, count: int, **fields) -> list[Ticket]:
     return Ticket.objects.bulk_create(
         Ticket(title=f"ticket {n}", created_by=creator, **fields) for n in range(count)
     )
+
+
+def create_held(creator, agent, count: int, status: str = "assigned", **fields) -> list[Ticket]:
+    """Tickets the agent holds (or worked: resolved, closed), with their assignment records,
+    written in bulk as the services would leave them."""
+    now = timezone.now()
+    tickets = create_tickets(
+        creator, count, status=status, assigned_to=agent, assigned_at=now, **fields
+    )
+    TicketAssignment.objects.bulk_create(
+        TicketAssignment(ticket=t, agent=agent, assigned_at=now) for t in tickets
+    )
+    return tickets
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Recorded requests against a real server, and a checker that holds them against the
 TicketEvent history in the database.
 
-Why the event history can be trusted as a timeline (support/services.py, lock contract):
+Why the event history can be trusted as a timeline (support/services/locks.py, the lock contract):
 
 - every change of a ticket holds the ticket's row lock, so one ticket's events in id order are
   in commit order: replaying them must give a consistent chain (each event's "from" side is

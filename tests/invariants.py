@@ -19,32 +19,25 @@ def invariant_violations() -> list[str]:
 
     cap = settings.SUPPORT_AGENT_MAX_TICKETS
     over = (
-        TicketAssignment.objects.filter(is_active=True, ticket__status="assigned")
-        .values("agent_id")
+        Ticket.objects.filter(status="assigned")
+        .values("assigned_to_id")
         .annotate(n=Count("id"))
         .filter(n__gt=cap)
     )
-    problems += [f"agent {row['agent_id']} holds {row['n']} > {cap}" for row in over]
+    problems += [f"agent {row['assigned_to_id']} holds {row['n']} > {cap}" for row in over]
 
-    open_held = Ticket.objects.filter(status="open", assignments__is_active=True).distinct()
-    problems += [
-        f"open ticket {pk} has an active assignment"
-        for pk in open_held.values_list("pk", flat=True)
-    ]
-    unheld = Ticket.objects.exclude(status="open").exclude(assignments__is_active=True)
-    problems += [
-        f"ticket {pk} is {status} without an active assignment"
-        for pk, status in unheld.values_list("pk", "status")
-    ]
-    # the cap's index reads TicketAssignment.holding: it must mirror the ticket's status
-    for pk, ticket_id, active, holding, status in TicketAssignment.objects.values_list(
-        "pk", "ticket_id", "is_active", "holding", "ticket__status"
-    ):
-        if holding != (active and status == "assigned"):
+    # the holder on the ticket (what every read uses) and its active assignment (the record)
+    # name the same agent, or neither exists
+    for row in Ticket.objects.annotate(
+        active=FilteredRelation("assignments", condition=Q(assignments__is_active=True))
+    ).values("id", "status", "assigned_to_id", recorded=F("active__agent_id")):
+        if row["assigned_to_id"] != row["recorded"]:
             problems.append(
-                f"assignment {pk} of ticket {ticket_id} ({status}, active={active}) "
-                f"has holding={holding}"
+                f"ticket {row['id']} ({row['status']}) is held by {row['assigned_to_id']}, "
+                f"its active assignment names {row['recorded']}"
             )
+        if (row["status"] == "open") != (row["assigned_to_id"] is None):
+            problems.append(f"ticket {row['id']} is {row['status']} with {row['assigned_to_id']}")
     return problems + history_violations()
 
 
@@ -59,9 +52,7 @@ def history_violations() -> list[str]:
             if field in event["changes"]:
                 state[field] = event["changes"][field][1]
     problems = []
-    for row in Ticket.objects.annotate(
-        active=FilteredRelation("assignments", condition=Q(assignments__is_active=True))
-    ).values("id", "status", holder=F("active__agent_id")):
+    for row in Ticket.objects.values("id", "status", holder=F("assigned_to_id")):
         expected = replay.get(row["id"], born)
         actual = {"status": row["status"], "assigned_to": row["holder"]}
         if expected != actual:
@@ -72,9 +63,9 @@ def history_violations() -> list[str]:
 def held_ticket_ids(agent_id: int) -> set[int]:
     """The tickets the agent holds in status assigned, per the committed data."""
     return set(
-        TicketAssignment.objects.filter(
-            agent_id=agent_id, is_active=True, ticket__status="assigned"
-        ).values_list("ticket_id", flat=True)
+        Ticket.objects.filter(assigned_to_id=agent_id, status="assigned").values_list(
+            "pk", flat=True
+        )
     )
 
 

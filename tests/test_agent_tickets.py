@@ -77,10 +77,11 @@ async def test_list_is_ordered_by_assigned_at_then_id(agent_client, admin, agent
     earlier = tickets[2]
 
     def hand_over_earlier():
-        TicketAssignment.objects.create(
-            ticket=earlier, agent=agent, assigned_at=timezone.now() - timedelta(minutes=5)
+        at = timezone.now() - timedelta(minutes=5)
+        TicketAssignment.objects.create(ticket=earlier, agent=agent, assigned_at=at)
+        Ticket.objects.filter(pk=earlier.pk).update(
+            status="assigned", assigned_to=agent, assigned_at=at
         )
-        Ticket.objects.filter(pk=earlier.pk).update(status="assigned")
 
     await run_sync(hand_over_earlier)
     body = (await agent_client.get("/api/agent/tickets/")).json()

@@ -18,7 +18,7 @@ from support.api.urls import urlpatterns
 from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment
 from support.tokens import key_hash, token_issue
-from tests.conftest import PASSWORD, create_tickets, create_user, db_state, run_sync
+from tests.conftest import PASSWORD, create_held, create_tickets, create_user, db_state, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -255,8 +255,7 @@ ROUTES = [
 @pytest.fixture
 def world(admin, agent):
     spare_agent = create_user(agent=True)
-    held = create_tickets(admin, 1, status=Ticket.Status.ASSIGNED)[0]
-    TicketAssignment.objects.create(ticket=held, agent=agent, assigned_at=timezone.now())
+    held = create_held(admin, agent, 1)[0]
     open_ticket = create_tickets(admin, 1)[0]
     return World(admin, agent, spare_agent, held.pk, open_ticket.pk)
 

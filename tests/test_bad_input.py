@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from django.conf import settings
-from django.utils import timezone
 
-from support.models import Ticket, TicketAssignment
-from tests.conftest import create_tickets, db_state, run_sync
+from support.models import Ticket
+from tests.conftest import create_held, create_tickets, db_state, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,15 +54,8 @@ class World:
 @pytest.fixture
 async def world(admin, agent):
     def build():
-        held = create_tickets(admin, 2, status=Ticket.Status.ASSIGNED, description="held")
-        resolved = create_tickets(admin, 1, status=Ticket.Status.RESOLVED)
-        now = timezone.now()
-        TicketAssignment.objects.bulk_create(
-            TicketAssignment(
-                ticket=ticket, agent=agent, assigned_at=now, holding=ticket.status == "assigned"
-            )
-            for ticket in held + resolved
-        )
+        held = create_held(admin, agent, 2, description="held")
+        resolved = create_held(admin, agent, 1, status=Ticket.Status.RESOLVED)
         opened = create_tickets(admin, 2, priority=Ticket.Priority.HIGH)
         return World(admin, agent, held[0].pk, resolved[0].pk, opened[0].pk)
 

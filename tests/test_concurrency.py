@@ -6,9 +6,11 @@ import threading
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
+from django.utils import timezone
 
 from support import services
 from support.models import Ticket, TicketAssignment, TicketEvent
+from support.services import locks
 from tests.conftest import create_tickets, create_user, run_sync
 from tests.invariants import assert_invariants, held_ticket_ids
 
@@ -195,9 +197,9 @@ def test_database_refuses_a_second_active_assignment_when_code_is_bypassed(admin
     with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO support_ticketassignment"
-            " (ticket_id, agent_id, assigned_at, is_active, holding)"
-            " VALUES (%s, %s, CURRENT_TIMESTAMP, %s, %s)",
-            [ticket.pk, other.pk, True, False],
+            " (ticket_id, agent_id, assigned_at, is_active)"
+            " VALUES (%s, %s, CURRENT_TIMESTAMP, %s)",
+            [ticket.pk, other.pk, True],
         )
     # inactive rows (the history) may repeat freely
     TicketAssignment.objects.create(ticket=ticket, agent=other, is_active=False)
@@ -238,14 +240,17 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
         # what tickets_top_up does, paused between taking the ticket and committing
         try:
             with transaction.atomic():
-                services._lock_users([agent.pk])
+                locks.lock_users([agent.pk])
                 list(
                     Ticket.objects.select_for_update(no_key=True, skip_locked=True).filter(
                         pk=ticket.pk, status="open"
                     )
                 )
-                Ticket.objects.filter(pk=ticket.pk).update(status="assigned")
-                TicketAssignment.objects.create(ticket=ticket, agent=agent)
+                now = timezone.now()
+                Ticket.objects.filter(pk=ticket.pk).update(
+                    status="assigned", assigned_to=agent, assigned_at=now
+                )
+                TicketAssignment.objects.create(ticket=ticket, agent=agent, assigned_at=now)
                 TicketEvent.objects.create(
                     ticket=ticket,
                     actor=agent,
@@ -284,7 +289,7 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
     assert "refused" not in outcome, outcome.get("refused")
     row = outcome["row"]
     if "title" in changes:
-        assert (row["status"], row["assigned_to"]) == ("assigned", agent.pk)
+        assert (row["status"], row["assigned_to_id"]) == ("assigned", agent.pk)
     else:
-        assert (row["status"], row["assigned_to"]) == ("open", None)
+        assert (row["status"], row["assigned_to_id"]) == ("open", None)
     assert_invariants()

@@ -21,10 +21,10 @@ from rest_framework.test import APIRequestFactory
 
 from support import services
 from support.api.views import APIView
-from support.models import Ticket, TicketAssignment
+from support.models import Ticket
 from support.prepared import Prepared
-from tests.conftest import create_tickets, create_user
-from tests.invariants import assert_invariants
+from support.services import locks
+from tests.conftest import create_held, create_tickets, create_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,29 +50,27 @@ def test_statements_per_request_of_the_hot_endpoints():
     agent = create_user(agent=True)
     create_tickets(admin, 40)
 
-    # token, held assignments (none: not at the cap, so:); BEGIN, lock the agent, held
-    # assignments again, pick, mark, assignments, events, COMMIT
+    # token, held (none: not at the cap, so:); BEGIN, lock the agent, held again, pick, give
+    # them to the agent, their assignments, events, COMMIT
     status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
     assert (status, len(sql)) == (200, 10), sql
-    # poll at the cap: token, held assignments, their tickets; no transaction, no lock
+    # poll at the cap: token, held; no transaction, no lock
     status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
-    assert (status, len(sql)) == (200, 3), sql
+    assert (status, len(sql)) == (200, 2), sql
     assert not any("FOR NO KEY UPDATE" in q or q == "BEGIN" for q in sql)
 
     held = services.held_tickets(agent.pk)[0]["id"]
-    # token; BEGIN, lock the agent, lock the ticket with its holder, update it, mark its
-    # assignment as no longer counting toward the cap, event, COMMIT
+    # token; BEGIN, lock the agent, lock the ticket (its holder is on the row), update it,
+    # event, COMMIT
     move = {"ticket_id": held, "status": "resolved"}
     status, sql = _call(client, agent, "POST", "/api/agent/tickets/", move)
-    assert (status, len(sql)) == (200, 8), sql
-    # resolved -> closed: the same without the assignment's update
+    assert (status, len(sql)) == (200, 7), sql
     move = {"ticket_id": held, "status": "closed"}
     status, sql = _call(client, agent, "POST", "/api/agent/tickets/", move)
     assert (status, len(sql)) == (200, 7), sql
-    # the churn's fetch, one short: token, held assignments; BEGIN, lock, held assignments,
-    # their tickets, pick, mark, assignments, events, COMMIT
+    # the churn's fetch, one short: the first fetch's statements
     status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
-    assert (status, len(sql)) == (200, 11), sql
+    assert (status, len(sql)) == (200, 10), sql
 
     # token, count, page
     status, sql = _call(client, admin, "GET", "/api/tickets/?page_size=20")
@@ -81,6 +79,25 @@ def test_statements_per_request_of_the_hot_endpoints():
     new = {"title": "Printer jammed", "priority": "high"}
     status, sql = _call(client, admin, "POST", "/api/tickets/", new)
     assert (status, len(sql)) == (201, 5), sql
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("cap", [15, 40])
+def test_a_poll_at_the_cap_is_the_token_check_and_one_statement_for_any_cap(settings, cap):
+    settings.SUPPORT_AGENT_MAX_TICKETS = cap
+    client = Client()
+    admin = create_user(staff=True)
+    agent = create_user(agent=True)
+    create_tickets(admin, cap + 5)
+    status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
+    assert status == 200
+    status, sql = _call(client, agent, "GET", "/api/agent/tickets/")
+    assert status == 200
+    assert len(sql) == 2, sql  # the token check, then what the agent holds
+    held = [q for q in sql if "support_ticket" in q]
+    assert len(held) == 1
+    assert " IN (" not in held[0]  # one parameter, the agent: no list of ids
+    assert len(services.held_tickets(agent.pk)) == cap
 
 
 class _Unchecked(APIView):
@@ -132,11 +149,8 @@ def _nodes(plan: dict) -> list[dict]:
 
 
 def _history(admin, agent, count: int) -> None:
-    """``count`` closed tickets the agent worked (their assignments stay, as the record)."""
-    closed = create_tickets(admin, count, status=Ticket.Status.CLOSED)
-    TicketAssignment.objects.bulk_create(
-        TicketAssignment(ticket=t, agent=agent, holding=False) for t in closed
-    )
+    """``count`` closed tickets the agent worked (their agent stays, as the record)."""
+    create_held(admin, agent, count, status=Ticket.Status.CLOSED)
 
 
 def _analyze() -> None:
@@ -145,44 +159,28 @@ def _analyze() -> None:
 
 
 def test_held_list_reads_only_the_held_rows_however_long_the_history():
-    """ "What do I hold" reads the agent's 15 held assignments from
-    assignment_agent_holding_idx, then those 15 tickets by primary key: an agent's thousands
-    of closed tickets are never visited, with fresh statistics or with statistics taken before
-    the history existed (as between autovacuums during fast churn)."""
+    """ "What do I hold" reads the agent's 15 held tickets from ticket_held_idx: an agent's
+    thousands of closed tickets are never visited, with fresh statistics or with statistics
+    taken before the history existed (as between autovacuums during fast churn)."""
     if connection.vendor != "postgresql":
         pytest.fail("query plans are PostgreSQL's: run on PostgreSQL")
     admin = create_user(staff=True)
     agent, other = create_user(agent=True), create_user(agent=True)
-    old = create_tickets(admin, 8000, status=Ticket.Status.CLOSED)  # the held come after
     create_tickets(admin, 3000)
     services.tickets_top_up(agent_id=agent.pk)
     services.tickets_top_up(agent_id=other.pk)
     _analyze()  # statistics from before the history
-    TicketAssignment.objects.bulk_create(
-        TicketAssignment(ticket=t, agent=(agent, other)[n % 2], holding=False)
-        for n, t in enumerate(old)
-    )
+    _history(admin, agent, 4000)
+    _history(admin, other, 4000)
 
     for moment in ("stale statistics", "fresh statistics"):
-        held = services.held_assignments_query(agent.pk)
-        ids = [pk for pk, _ in held]
-        tickets = services._held_by_id(agent.pk, *ids)
-        by_key = {"support_ticket_pkey", "one_active_assignment_per_ticket"}
-        for query, indexes in (
-            (held, {"assignment_agent_holding_idx"}),
-            (tickets, by_key | {"assignment_agent_holding_idx"}),
-        ):
-            nodes = _nodes(_plan(query))
-            assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], (moment, nodes)
-            used = {n["Index Name"] for n in nodes if "Index Name" in n}
-            assert used <= indexes, (moment, used)
-            for table in {n["Relation Name"] for n in nodes if "Relation Name" in n}:
-                read = [
-                    n["Actual Rows"] * n["Actual Loops"]
-                    for n in nodes
-                    if n.get("Relation Name") == table
-                ]
-                assert max(read) == 15, (moment, table, nodes)
+        nodes = _nodes(_plan(services.held_query(agent.pk)))
+        assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], (moment, nodes)
+        used = {n["Index Name"] for n in nodes if "Index Name" in n}
+        assert used == {"ticket_held_idx"}, (moment, used)
+        read = [n["Actual Rows"] * n["Actual Loops"] for n in nodes if "Relation Name" in n]
+        assert read == [15], (moment, nodes)
+        assert not [n for n in nodes if n["Node Type"] == "Sort"], (moment, nodes)
         assert len(services.held_tickets(agent.pk)) == 15
         _analyze()
 
@@ -206,7 +204,7 @@ def test_pool_pick_and_admin_page_read_their_indexes():
     assert [n.get("Index Name") for n in scans] == ["ticket_pool_idx"], scans
     assert scans[0]["Actual Rows"] == 15  # the first 15 in pick order, no sort of the pool
 
-    page = services.ticket_rows(services.tickets_with_holder().order_by("-created_at", "-id"))
+    page = services.ticket_rows(Ticket.objects.order_by("-created_at", "-id"))
     nodes = _nodes(_plan(page[:20]))
     scans = [n for n in nodes if n.get("Relation Name") == "support_ticket"]
     assert [n.get("Index Name") for n in scans] == ["ticket_newest_idx"], scans
@@ -221,25 +219,21 @@ def test_a_prepared_query_answers_what_the_orm_answers():
     create_tickets(admin, 20)
     services.tickets_top_up(agent_id=agent.pk)
     for pk in (agent.pk, admin.pk, 0):
-        rows = services.held_assignments(pk)
-        assert rows == list(services.held_assignments_query(pk))
-    assert len(services.held_assignments(agent.pk)) == 15
+        expected = list(services.ticket_rows(services.held_query(pk)))
+        assert services.held_tickets(pk) == expected
+    held = services.held_tickets(agent.pk)
+    assert len(held) == 15
     # datetimes come back as the ORM gives them on either backend (converters applied)
-    assert all(at.tzinfo is not None for _, at in services.held_assignments(agent.pk))
-    # and the held rows equal a plain ORM read of the same tickets
-    expected = services.ticket_rows(
-        services.tickets_with_holder().filter(active__agent_id=agent.pk)
-    ).order_by("active__assigned_at", "id")
-    assert services.held_tickets(agent.pk) == list(expected)
+    assert all(row["assigned_at"].tzinfo is not None for row in held)
 
 
 @pytest.mark.smoke
 def test_a_prepared_locking_query_refuses_to_run_outside_a_transaction():
     agent = create_user(agent=True)
     with transaction.atomic():
-        assert services._LOCK_ONE_USER.rows(pk=agent.pk) == [(agent.pk, True, True)]
+        assert locks._LOCK_ONE_USER.rows(pk=agent.pk) == [(agent.pk, True, True)]
     with pytest.raises(TransactionManagementError):
-        services._LOCK_ONE_USER.rows(pk=agent.pk)
+        locks._LOCK_ONE_USER.rows(pk=agent.pk)
 
 
 @pytest.mark.smoke
@@ -250,34 +244,3 @@ def test_a_value_that_is_not_one_plain_parameter_is_refused():
     )
     with pytest.raises(ValueError, match="not one plain SQL parameter"):
         twice.rows(pk=1)
-
-
-@pytest.mark.smoke
-def test_a_poll_whose_two_reads_disagree_answers_from_the_locked_path(monkeypatch):
-    """Between the poll's two plain reads the agent resolves one of its tickets (simulated by
-    handing the poll its first read from just before): the second read no longer finds all of
-    them held, so the answer comes from the locked top-up, never a mix of two moments."""
-    admin = create_user(staff=True)
-    agent = create_user(agent=True)
-    create_tickets(admin, 40)
-    first = services.tickets_top_up(agent_id=agent.pk)
-    before = services.held_assignments(agent.pk)
-    services.ticket_transition_by_agent(
-        agent_id=agent.pk, ticket_id=first[0]["id"], to_status="resolved"
-    )
-    real, reads = services.held_assignments, []
-
-    def first_read_from_before(agent_id):
-        reads.append(agent_id)
-        return before if len(reads) == 1 else real(agent_id)
-
-    monkeypatch.setattr(services, "held_assignments", first_read_from_before)
-    with CaptureQueriesContext(connection) as ctx:
-        answer = services.tickets_top_up(agent_id=agent.pk, role_checked=True)
-    # the locked path: it read (on PostgreSQL, locked) the agent's own row
-    assert any('FROM "auth_user"' in q["sql"] for q in ctx.captured_queries)
-    ids = [row["id"] for row in answer]
-    assert len(ids) == 15
-    assert first[0]["id"] not in ids  # resolved: not held any more
-    assert set(ids) == {pk for pk, _ in real(agent.pk)}
-    assert_invariants()

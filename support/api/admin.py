@@ -90,7 +90,7 @@ class TicketListView(APIView):
         page, size = _page_params(request)
         filtered = any(name in TicketFilter.base_filters for name in request.query_params)
         if filtered:
-            filterset = TicketFilter(request.query_params, queryset=services.tickets_with_holder())
+            filterset = TicketFilter(request.query_params, queryset=Ticket.objects.all())
             if not filterset.is_valid():
                 raise exceptions.ValidationError(filterset.errors)
             queryset = filterset.qs
@@ -143,10 +143,7 @@ class TicketDetailView(APIView):
         return await self.in_thread(self._retrieve, pk)
 
     def _retrieve(self, pk):
-        row = services.ticket_rows(services.tickets_with_holder().filter(pk=pk)).first()
-        if row is None:
-            raise exceptions.NotFound("No Ticket matches the given query.")
-        return Response(ticket_json(row))
+        return Response(ticket_json(services.ticket_row(pk)))
 
     @extend_schema(
         operation_id="tickets_update",
@@ -208,9 +205,8 @@ class TicketHistoryView(APIView):
         return await self.in_thread(self._history, request, pk)
 
     def _history(self, request, pk):
-        if (
-            not request.user.is_staff
-            and not services.is_holder(ticket_id=pk, agent_id=request.user.pk).exists()
+        if not request.user.is_staff and not services.agent_holds(
+            ticket_id=pk, agent_id=request.user.pk
         ):
             raise exceptions.NotFound(services.NOT_YOURS)
         serializer = TicketEventSerializer()

@@ -20,7 +20,7 @@ class TicketFilter(django_filters.FilterSet):
         method="filter_priority",
         distinct=False,
     )
-    assigned_to = IntegerFilter(min_value=1, max_value=MAX_USER_ID, field_name="active__agent_id")
+    assigned_to = IntegerFilter(min_value=1, max_value=MAX_USER_ID, field_name="assigned_to_id")
     search = django_filters.CharFilter(max_length=200, method="filter_search")
     ordering = django_filters.OrderingFilter(
         fields=("created_at", "updated_at", "priority", "status", "id", "title"),

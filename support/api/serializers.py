@@ -6,12 +6,13 @@ from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
+from support import rules
 from support.models import Ticket, TicketEvent
 
 PRIORITY_NAMES = [label for _, label in Ticket.Priority.choices]  # low, normal, high, urgent
 PRIORITY_RANK = {label: rank for rank, label in Ticket.Priority.choices}
 PRIORITY_NAME = {rank: label for rank, label in Ticket.Priority.choices}
-STATUS_NAMES = [value for value, _ in Ticket.Status.choices]
+STATUS_NAMES = list(rules.STATUSES)
 
 # Ticket ids are 64-bit, user ids 32-bit: larger numbers are input errors, not lookups.
 MAX_TICKET_ID = 2**63 - 1
@@ -52,7 +53,7 @@ class TicketSerializer(serializers.Serializer):
             "status": row["status"],
             "priority": PRIORITY_NAME[row["priority"]],
             "created_by": row["created_by_id"],
-            "assigned_to": row["assigned_to"],
+            "assigned_to": row["assigned_to_id"],
             "assigned_at": _iso(row["assigned_at"]),
             "created_at": _iso(row["created_at"]),
             "updated_at": _iso(row["updated_at"]),
@@ -167,7 +168,7 @@ class TicketUpdateSerializer(serializers.Serializer):
 
 class AgentTransitionSerializer(serializers.Serializer):
     ticket_id = StrictIntegerField(min_value=1, max_value=MAX_TICKET_ID)
-    status = StrictChoiceField(choices=["resolved", "closed"])
+    status = StrictChoiceField(choices=list(rules.AGENT_TARGETS))
 
     def well_formed_ticket_id(self) -> int | None:
         """After ``is_valid()`` failed: the body's ticket_id if it alone is well-formed."""

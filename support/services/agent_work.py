@@ -1,0 +1,161 @@
+"""The agent's work: the fetch that tops it up from the pool, its moves, and releases.
+
+Locks (support.services.locks): the agent's row, then its tickets; pool tickets with SKIP
+LOCKED. A fetch at the cap locks nothing.
+"""
+
+from django.db import transaction
+from django.utils import timezone
+
+from support import observability as obs
+from support import rules
+from support.models import Ticket, TicketEvent
+from support.rules import Actor, Status
+from support.services.errors import NOT_YOURS, NotFound, TransitionNotAllowed
+from support.services.locks import lock_ticket, lock_users, require_active_agent
+from support.services.records import change_tickets, record
+from support.services.selectors import ROW_FIELDS, held_tickets
+
+Kind = TicketEvent.Kind
+
+# The moves these functions make, as support.rules gives them.
+_FETCH = rules.move(Status.OPEN, Status.ASSIGNED)
+_RELEASE = rules.move(Status.ASSIGNED, Status.OPEN)
+if Actor.FETCH not in _FETCH.by or Actor.RELEASE not in _RELEASE.by:
+    raise RuntimeError("support.rules no longer gives the fetch or the release its move")
+
+
+def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
+    """Top the agent up to the cap from the pool and return what it holds.
+
+    ``role_checked=True`` says the caller has just read the agent's role and active flag (the
+    token check of the same request): an agent already at the cap is then answered from one
+    plain read, without the transaction below (one statement: it sees one moment's held set).
+
+    One transaction: lock the agent's row (its own concurrent calls queue here), read what it
+    holds, take the missing number of open tickets with ``FOR NO KEY UPDATE SKIP LOCKED`` in
+    pick order (priority, then created_at, then id), give them to the agent. Returns the held
+    tickets as rows, ordered by assigned_at then id. Raises AgentInactive / NotAnAgent if the
+    caller lost its role.
+    """
+    cap = rules.cap()
+    if role_checked:
+        held = held_tickets(agent_id)
+        if len(held) >= cap:
+            return held
+    with transaction.atomic():
+        require_active_agent(lock_users([agent_id]), agent_id)
+        held = held_tickets(agent_id)
+        missing = cap - len(held)
+        if missing <= 0:
+            return held
+        picked = list(
+            Ticket.objects.select_for_update(skip_locked=True, no_key=True)
+            .filter(status=Status.OPEN)
+            .order_by("-priority", "created_at", "id")
+            .values(*ROW_FIELDS)[:missing]
+        )
+        if not picked:
+            transaction.on_commit(lambda: _pool_was_empty(agent_id, missing))
+            return held
+        now = timezone.now()
+        ids = [row["id"] for row in picked]
+        change_tickets(ids, status=Status.ASSIGNED, holder=None, new_holder=agent_id, at=now)
+        record(
+            ids,
+            kind=Kind.ASSIGNED,
+            actor_id=agent_id,
+            at=now,
+            from_status=Status.OPEN,
+            to_status=Status.ASSIGNED,
+            agent_id=agent_id,
+            changes={"assigned_to": [None, agent_id], "status": ["open", "assigned"]},
+        )
+        for row in picked:
+            row.update(
+                status=Status.ASSIGNED, updated_at=now, assigned_to_id=agent_id, assigned_at=now
+            )
+        transaction.on_commit(lambda: _topped_up(agent_id, ids))
+        held.extend(picked)
+        held.sort(key=lambda row: (row["assigned_at"], row["id"]))
+        return held
+
+
+def _topped_up(agent_id: int, ids: list[int]) -> None:
+    obs.TOPUP_ASSIGNED.observe(len(ids))
+    obs.log_event("tickets assigned by fetch", agent_id=agent_id, ticket_ids=ids)
+
+
+def _pool_was_empty(agent_id: int, missing: int) -> None:
+    obs.TOPUP_POOL_EMPTY.inc()
+    obs.log_event("fetch found the pool empty", agent_id=agent_id, missing=missing)
+
+
+def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str) -> dict:
+    """Move a ticket the agent holds, as support.rules lets an agent.
+
+    Locks the agent row, then the ticket row. Raises NotFound when the ticket does not exist or
+    is not the agent's (the two are not told apart), TransitionNotAllowed for a move the rules
+    do not give an agent.
+    """
+    with transaction.atomic():
+        require_active_agent(lock_users([agent_id]), agent_id)
+        row = lock_ticket(ticket_id)
+        if row is None or row["assigned_to_id"] != agent_id:
+            raise NotFound(NOT_YOURS)
+        current = row["status"]
+        move = rules.move(current, to_status)
+        if move is None or Actor.AGENT not in move.by:
+            raise TransitionNotAllowed(current, to_status, rules.allowed(current, Actor.AGENT))
+        now = timezone.now()
+        change_tickets([ticket_id], status=to_status, holder=agent_id, new_holder=agent_id, at=now)
+        record(
+            [ticket_id],
+            kind=Kind.STATUS_CHANGED,
+            actor_id=agent_id,
+            at=now,
+            from_status=current,
+            to_status=to_status,
+            agent_id=agent_id,
+            changes={"status": [current, to_status]},
+        )
+        transaction.on_commit(
+            lambda: obs.log_event(
+                f"ticket {to_status} by agent", ticket_id=ticket_id, agent_id=agent_id
+            )
+        )
+        row.update(status=to_status, updated_at=now)
+        return row
+
+
+def agent_release_tickets(*, agent_id: int, actor_id: int) -> list[int]:
+    """Return every ticket the user holds in status assigned to the pool (for a user that is
+    losing its agent role). Locks the user row, then the tickets; returns the released ids."""
+    with transaction.atomic():
+        lock_users([agent_id])
+        return release_assigned(agent_id, actor_id)
+
+
+def release_assigned(agent_id: int, actor_id: int) -> list[int]:
+    """Under the agent's row lock: its assigned tickets back to the pool, with their events.
+    Resolved and closed tickets keep their agent, the record of who worked them."""
+    released = list(
+        Ticket.objects.select_for_update(no_key=True)
+        .filter(assigned_to_id=agent_id, status=Status.ASSIGNED)
+        .values_list("pk", flat=True)
+    )
+    if not released:
+        return released
+    now = timezone.now()
+    change_tickets(released, status=Status.OPEN, holder=agent_id, new_holder=None, at=now)
+    record(
+        released,
+        kind=Kind.RELEASED,
+        actor_id=actor_id,
+        at=now,
+        from_status=Status.ASSIGNED,
+        to_status=Status.OPEN,
+        agent_id=agent_id,
+        changes={"assigned_to": [agent_id, None], "status": ["assigned", "open"]},
+    )
+    return released

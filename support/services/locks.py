@@ -1,0 +1,90 @@
+"""The locks every change takes, and the order it takes them in.
+
+Lock contract (PostgreSQL; on SQLite every write transaction is ``BEGIN IMMEDIATE`` and so
+runs alone, and the row locks below are no-ops):
+
+- An agent's user row is the mutex for the set of tickets that agent holds. Every change that
+  adds a ticket to, or takes one from, an agent's held set locks that row first
+  (``FOR NO KEY UPDATE``, which does not block foreign-key checks of other inserts).
+- Agent rows are locked before ticket rows, several agents in id order. Nobody waits for an
+  agent row while holding a ticket lock, so no deadlock cycle can form.
+- A ticket is locked by one statement that also reads it, holder included (the holder is a
+  column of the row, so a read that waited for the lock sees the committed holder).
+- Pool tickets are taken with ``FOR NO KEY UPDATE SKIP LOCKED``: an agent never waits for a
+  ticket another agent is taking; it takes the next one.
+- A decision is made only on values read after the locks are held.
+- An agent's poll at the cap takes no lock: it changes nothing, and only a change (which
+  locks) can take the agent past the cap.
+"""
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db.models import QuerySet
+
+from support import observability as obs
+from support.models import Ticket
+from support.prepared import Prepared
+from support.services.errors import AgentInactive, NotAnAgent
+from support.services.selectors import ROW_FIELDS, as_rows, is_agent_expr
+
+User = get_user_model()
+
+
+@dataclass(frozen=True)
+class LockedUser:
+    id: int
+    is_active: bool
+    is_agent: bool
+
+    @property
+    def active_agent(self) -> bool:
+        return self.is_active and self.is_agent
+
+
+def _lock_users_query(ids: list[int]) -> QuerySet:
+    return (
+        User.objects.select_for_update(no_key=True, of=("self",))
+        .filter(pk__in=ids)
+        .annotate(is_agent=is_agent_expr())
+        .order_by("pk")
+        .values_list("pk", "is_active", "is_agent")
+    )
+
+
+# Every agent change locks one user row: compiled once per process.
+_LOCK_ONE_USER = Prepared(lambda pk: _lock_users_query([pk]), pk=int)
+
+
+def lock_users(user_ids: Iterable[int | None]) -> dict[int, LockedUser]:
+    """Lock the given users' rows (None ignored), in id order, and read them after the lock."""
+    ids = sorted({pk for pk in user_ids if pk is not None})
+    if not ids:
+        return {}
+    started = time.perf_counter()
+    rows = _LOCK_ONE_USER.rows(pk=ids[0]) if len(ids) == 1 else list(_lock_users_query(ids))
+    obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
+    return {pk: LockedUser(pk, active, agent) for pk, active, agent in rows}
+
+
+def require_active_agent(locked: dict[int, LockedUser], agent_id: int) -> None:
+    """The caller (an agent) is still one, read under its row lock."""
+    user = locked.get(agent_id)
+    if user is None or not user.is_active:
+        raise AgentInactive("User inactive or deleted.")
+    if not user.is_agent:
+        raise NotAnAgent("You do not have permission to perform this action.")
+
+
+_LOCK_TICKET = Prepared(
+    lambda pk: Ticket.objects.select_for_update(no_key=True).filter(pk=pk).values_list(*ROW_FIELDS),
+    pk=int,
+)
+
+
+def lock_ticket(ticket_id: int) -> dict | None:
+    """Lock one ticket's row and read it, holder included; None when it does not exist."""
+    rows = as_rows(_LOCK_TICKET.rows(pk=ticket_id))
+    return rows[0] if rows else None

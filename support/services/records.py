@@ -1,0 +1,67 @@
+"""The one writer of a ticket's status and holder, and of the history of both.
+
+The holder is stored twice: on the ticket row (``assigned_to``/``assigned_at``, what every
+read uses) and as the ticket's active assignment (the record of who held it, and when).
+:func:`change_tickets` is the only code that writes either, for every change: a fetch, an
+agent's move, an admin's edit, a release. It writes status and holder in one UPDATE (the
+database's CHECK wants them together) and ends and starts assignments in the same
+transaction. :func:`record` writes the change's events.
+"""
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from support.models import Ticket, TicketAssignment, TicketEvent
+
+
+def change_tickets(
+    ids: list[int],
+    *,
+    status: str,
+    holder: int | None,
+    new_holder: int | None,
+    at: datetime,
+    fields: dict | None = None,
+) -> None:
+    """Give the tickets ``ids`` (all held by ``holder``, locked by the caller) ``status`` and
+    ``new_holder``, and any other ``fields``."""
+    values = {**(fields or {}), "status": status, "updated_at": at}
+    if new_holder != holder:
+        values["assigned_to_id"] = new_holder
+        values["assigned_at"] = at if new_holder is not None else None
+        if holder is not None:
+            TicketAssignment.objects.filter(ticket_id__in=ids, is_active=True).update(
+                is_active=False
+            )
+        if new_holder is not None:
+            TicketAssignment.objects.bulk_create(
+                TicketAssignment(ticket_id=pk, agent_id=new_holder, assigned_at=at) for pk in ids
+            )
+    Ticket.objects.filter(pk__in=ids).update(**values)
+
+
+def record(
+    ids: Iterable[int],
+    *,
+    kind: str,
+    actor_id: int,
+    at: datetime,
+    from_status: str = "",
+    to_status: str = "",
+    agent_id: int | None = None,
+    changes: dict | None = None,
+) -> None:
+    """One event per ticket, the same for each."""
+    TicketEvent.objects.bulk_create(
+        TicketEvent(
+            ticket_id=pk,
+            at=at,
+            actor_id=actor_id,
+            kind=kind,
+            from_status=from_status,
+            to_status=to_status,
+            agent_id=agent_id,
+            changes=changes or {},
+        )
+        for pk in ids
+    )
