@@ -6,7 +6,8 @@ request, authentication included, runs in this thread and is recorded by Django'
 capture), then turns the recorded statements into pgbench scripts: the capture users' ids
 become the client's variables, the token hash becomes the same SQL hash expression the limit
 scripts use, and ids produced by one statement and used by a later one are carried with
-``\\gset``. Statements are replayed as the service sent them (same text, same round trips);
+``\\gset`` (the id of a ticket the agent holds, from the fetch's read of what it holds, with
+``\\aset``). Statements are replayed as the service sent them (same text, same round trips);
 the pool's per-checkout liveness check (an empty query) is replayed as ``SELECT 1``. The
 ids of the tickets the capture agent holds stay as captured where they are a list (the
 same number of primary-key probes).
@@ -132,6 +133,8 @@ def _seed() -> None:
                 created_by_id=CAPTURE_ADMIN,
                 created_at=now,
                 updated_at=now,
+                assigned_to_id=CAPTURE_AGENT,
+                assigned_at=now,
             )
             for pk in TICKETS
         )
@@ -164,12 +167,25 @@ def _script(statements: list[str], names: dict[int, str], user_var: str, carry=F
         end = ";"
         if "SKIP LOCKED" in sql:
             end = "\n\\gset p_"  # the picked ticket's id, used by the update and inserts
-        elif carry and "ORDER BY" in sql and '"holding"' in sql:
-            end = "\n\\aset"  # the held assignments: :ticket_id = one, resolved next
+        elif carry and _held(sql):
+            # what the agent holds, oldest first: the last row's id (the newest held ticket)
+            # is the one the next resolve and close move
+            end = "\n\\aset\n\\set ticket_id :id"
         elif 'INSERT INTO "support_ticket" ' in sql and "RETURNING" in sql:
             end = "\n\\gset c_"  # the created ticket's id, used by its event
         lines.append(" ".join(sql.split()) + end)
     return "\n".join(lines)
+
+
+def _held(sql: str) -> bool:
+    """The read of what the agent holds: its tickets in status assigned, in answer order."""
+    return (
+        sql.startswith("SELECT ")
+        and '"support_ticket"."assigned_to_id" = ' in sql
+        and '"support_ticket"."status" = \'assigned\'' in sql
+        and "ORDER BY" in sql
+        and "FOR " not in sql.rsplit("ORDER BY", 1)[1]
+    )
 
 
 def _outside_quotes(sql: str, names: dict[int, str]) -> str:

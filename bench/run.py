@@ -138,8 +138,9 @@ def refill_pool(db: Database, users: dict, open_target: int) -> None:
 
 
 def grow_history(db: Database, users: dict, total: int, history_agents: int) -> None:
-    """Closed tickets (with their assignment and events) until the table holds ``total``
-    tickets, spread over the first ``history_agents`` agents: a long-lived install."""
+    """Closed tickets (each with its agent, as on every ticket that is not open, its
+    assignment and events) until the table holds ``total`` tickets, spread over the first
+    ``history_agents`` agents: a long-lived install."""
     missing = total - db.scalar("SELECT count(*) FROM support_ticket")
     if missing <= 0:
         return
@@ -149,18 +150,19 @@ def grow_history(db: Database, users: dict, total: int, history_agents: int) -> 
         conn.execute(
             "CREATE TEMP TABLE new_closed AS"
             " WITH t AS (INSERT INTO support_ticket (title, description, status, priority,"
-            "  created_at, updated_at, created_by_id)"
+            "  created_at, updated_at, created_by_id, assigned_to_id, assigned_at)"
             "  SELECT format('Old ticket %%s', g), 'Solved long ago.', 'closed', g %% 4,"
-            "   now() - interval '400 days' + (g || ' seconds')::interval,"
-            "   now() - interval '300 days', %s"
-            "  FROM generate_series(1, %s) g RETURNING id, created_at)"
-            " SELECT id, created_at, %s + (id %% %s)::int AS agent FROM t",
-            (users["admin"], missing, users["first_agent"], history_agents),
+            "   created, now() - interval '300 days', %s, %s + (g %% %s)::int,"
+            "   created + interval '1 hour'"
+            "  FROM (SELECT g, now() - interval '400 days' + (g || ' seconds')::interval"
+            "   AS created FROM generate_series(1, %s) g) s"
+            "  RETURNING id, created_at, assigned_to_id, assigned_at)"
+            " SELECT id, created_at, assigned_to_id AS agent, assigned_at FROM t",
+            (users["admin"], users["first_agent"], history_agents, missing),
         )
         conn.execute(
-            "INSERT INTO support_ticketassignment"
-            " (ticket_id, agent_id, assigned_at, is_active, holding)"
-            " SELECT id, agent, created_at + interval '1 hour', true, false FROM new_closed"
+            "INSERT INTO support_ticketassignment (ticket_id, agent_id, assigned_at, is_active)"
+            " SELECT id, agent, assigned_at, true FROM new_closed"
         )
         conn.execute(
             "INSERT INTO support_ticketevent (ticket_id, at, actor_id, kind, from_status,"

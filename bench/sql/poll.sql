@@ -1,8 +1,8 @@
--- poll: lock the agent's row and read what it holds, in one statement.
+-- poll: the agent at the cap: what it holds, in one statement (one snapshot, no lock: a poll
+-- at the cap changes nothing, and only a change, which locks the agent, can pass the cap).
 \include token_agent.sql
-WITH me AS (SELECT id FROM auth_user WHERE id = CAST(:agent_id AS int) FOR NO KEY UPDATE)
-SELECT t.id, t.title, t.description, t.status, t.priority, t.created_by_id, t.created_at,
-       t.updated_at, a.agent_id, a.assigned_at
-FROM support_ticketassignment a JOIN support_ticket t ON t.id = a.ticket_id
-WHERE a.agent_id = (SELECT id FROM me) AND a.is_active AND a.holding
-ORDER BY a.assigned_at, t.id;
+SELECT id, title, description, status, priority, created_by_id, created_at, updated_at,
+       assigned_to_id, assigned_at
+FROM support_ticket
+WHERE assigned_to_id = CAST(:agent_id AS int) AND status = 'assigned'
+ORDER BY assigned_at, id;
