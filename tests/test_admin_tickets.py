@@ -343,6 +343,26 @@ async def test_reassign_moves_the_active_assignment(admin_client, admin, agent, 
     assert await run_sync(_active_assignments, ticket.pk) == [other_agent.pk]
 
 
+async def test_a_ticket_whose_holder_left_out_of_band_stays_editable_but_not_reassignable_to_it(
+    admin_client, admin, agent, other_agent
+):
+    """An agent taken out of the agents group behind the service's back (a raw membership
+    delete: no release) still holds an assigned ticket. Edits that give it nothing pass (the
+    active-agent rule guards an agent that gains a ticket); giving it another ticket does not,
+    and the ticket can go to someone else."""
+    [held, other] = await run_sync(create_tickets, admin, 2)
+    await _assign(admin_client, held.pk, agent.pk)
+    await run_sync(lambda: agent.groups.clear())
+    r = await admin_client.patch(f"/api/tickets/{held.pk}/", json={"title": "still mine"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["title"], r.json()["assigned_to"]) == ("still mine", agent.pk)
+    r = await admin_client.patch(f"/api/tickets/{other.pk}/", json={"assigned_to": agent.pk})
+    assert r.status_code == 400
+    assert "assigned_to" in r.json()
+    body = await _assign(admin_client, held.pk, other_agent.pk)
+    assert (body["status"], body["assigned_to"]) == ("assigned", other_agent.pk)
+
+
 async def test_resolved_and_closed_keep_the_assignment(admin_client, admin, agent):
     [ticket] = await run_sync(create_tickets, admin, 1)
     await _assign(admin_client, ticket.pk, agent.pk)
