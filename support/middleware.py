@@ -12,62 +12,10 @@ from django.contrib.sessions import middleware as sessions
 from django.db import OperationalError
 from django.http import HttpResponse
 from django.middleware import clickjacking, common, csrf, security
+from django.utils.deprecation import MiddlewareMixin
 from rest_framework.response import Response
 
 log = logging.getLogger("support.api")
-
-
-class JsonErrorsMiddleware:
-    """Error answers are JSON ``{"detail": ...}`` everywhere but the pages made for people.
-
-    What no view answers (an unknown path, an error raised in a view or in a middleware)
-    Django answers with the handlers of project/urls.py, which speak JSON, except with DEBUG
-    on: then it sends its HTML technical pages instead (every URL pattern, a traceback),
-    whatever the path. Such a body is replaced here, in every mode; the status and headers
-    stay, and Django has already logged the traceback. Left alone: the admin site and the
-    browsable API's login pages (HTML by design), and DRF's own answers (negotiated).
-    """
-
-    sync_capable = True
-    async_capable = True
-    HTML_SITES = ("/admin/", "/api-auth/")
-    DETAILS = {
-        400: "Bad request.",
-        403: "Forbidden.",
-        404: "Not found.",
-        405: "Method not allowed.",
-        500: "Internal server error.",
-    }
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request):
-        if self.is_async:
-            return self._acall(request)
-        return self._as_json(request, self.get_response(request))
-
-    async def _acall(self, request):
-        return self._as_json(request, await self.get_response(request))
-
-    def _as_json(self, request, response):
-        if (
-            response.status_code < 400
-            or response.streaming
-            or isinstance(response, Response)
-            or response.get("Content-Type", "").startswith("application/json")
-            or request.path_info.startswith(self.HTML_SITES)
-        ):
-            return response
-        detail = self.DETAILS.get(response.status_code, f"{response.reason_phrase}.")
-        response.content = json.dumps({"detail": detail})
-        response["Content-Type"] = "application/json"
-        if response.has_header("Content-Length"):
-            response["Content-Length"] = str(len(response.content))
-        return response
 
 
 class DatabaseUnavailableMiddleware:
@@ -117,6 +65,44 @@ class _InlineHooks:
 
     def response_needs_thread(self, request) -> bool:
         return False
+
+
+# The service's own response hook, run the same way.
+class JsonErrorsMiddleware(_InlineHooks, MiddlewareMixin):
+    """Error answers are JSON ``{"detail": ...}`` everywhere but the pages made for people.
+
+    What no view answers (an unknown path, an error raised in a view or in a middleware)
+    Django answers with the handlers of project/urls.py, which speak JSON, except with DEBUG
+    on: then it sends its HTML technical pages instead (every URL pattern, a traceback),
+    whatever the path. Such a body is replaced here, in every mode; the status and headers
+    stay, and Django has already logged the traceback. Left alone: the admin site and the
+    browsable API's login pages (HTML by design), and DRF's own answers (negotiated).
+    """
+
+    HTML_SITES = ("/admin/", "/api-auth/")
+    DETAILS = {
+        400: "Bad request.",
+        403: "Forbidden.",
+        404: "Not found.",
+        405: "Method not allowed.",
+        500: "Internal server error.",
+    }
+
+    def process_response(self, request, response):
+        if (
+            response.status_code < 400
+            or response.streaming
+            or isinstance(response, Response)
+            or response.get("Content-Type", "").startswith("application/json")
+            or request.path_info.startswith(self.HTML_SITES)
+        ):
+            return response
+        detail = self.DETAILS.get(response.status_code, f"{response.reason_phrase}.")
+        response.content = json.dumps({"detail": detail})
+        response["Content-Type"] = "application/json"
+        if response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))
+        return response
 
 
 class SecurityMiddleware(_InlineHooks, security.SecurityMiddleware):
