@@ -12,6 +12,7 @@ process group (the server and the workers it started).
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -195,12 +196,23 @@ def children(pid: int) -> list[int]:
     return sorted(set(found))
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def accepts_unix(path: str) -> bool:
+    """Whether a server listens on the unix socket ``path`` (a plain socket: httpx leaks its
+    own when the connection is refused)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     """terminate, wait, then kill the process group (the server and its workers)."""
     if proc.poll() is None:
         proc.terminate()
     with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT)
+        proc.wait(timeout=timeout)
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # workers left behind, if any
     if proc.poll() is None:
@@ -261,5 +273,5 @@ def run_uvicorn(*, workers: int = 2, env: dict[str, str | None] | None = None) -
         exc.add_note(f"--- uvicorn output (last lines of {log_path}) ---\n{server.log_tail()}")
         raise
     finally:
-        _stop(proc)
+        stop_process(proc)
         log_path.unlink(missing_ok=True)

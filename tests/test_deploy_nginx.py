@@ -20,8 +20,6 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,7 +39,7 @@ from django.db import connection
 from support.models import Ticket
 from tests.conftest import PASSWORD, create_user
 from tests.invariants import assert_invariants
-from tests.servers import database_url, free_port
+from tests.servers import accepts_unix, database_url, free_port, stop_process
 
 # The stack's workers use the test database (and migrate it, as in production): every test
 # here declares it, so it exists even when one test runs alone.
@@ -86,17 +84,6 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no output)"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """terminate, wait, then kill the process's own group (it and the workers it started)."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=STOP_TIMEOUT)
 
 
 @dataclass
@@ -170,15 +157,6 @@ class Stack:
         return {
             row[6] for row in rows if len(row) == 8 and row[7] == self.socket and row[5] == "03"
         }
-
-
-def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-        return True
 
 
 def _database_url() -> str:
@@ -327,7 +305,7 @@ def stack(django_db_setup, tmp_path_factory) -> Iterator[Stack]:
         )
         # httpx leaks its socket when a unix socket refuses the connection: wait with a plain
         # socket until uvicorn listens there.
-        stack.wait_for(lambda: _accepts(stack.socket), "uvicorn's socket", STARTUP_TIMEOUT)
+        stack.wait_for(lambda: accepts_unix(stack.socket), "uvicorn's socket", STARTUP_TIMEOUT)
         for server in ("uds", "direct", "plain", "tls"):
             with stack.client(server) as client:
                 stack.wait_for(
@@ -339,7 +317,7 @@ def stack(django_db_setup, tmp_path_factory) -> Iterator[Stack]:
     finally:
         for name in ("nginx", "uvicorn-direct", "uvicorn"):
             if name in stack.processes:
-                _stop(stack.processes[name][0])
+                stop_process(stack.processes[name][0])
 
 
 def _hsts(response: httpx.Response) -> bool:

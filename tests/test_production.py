@@ -20,8 +20,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +33,7 @@ import pytest
 
 import tests.settings as test_settings
 from tests.pg_cluster import free_port
-from tests.servers import ROOT, database_url, run_uvicorn
+from tests.servers import ROOT, accepts_unix, database_url, run_uvicorn, stop_process
 
 README = ROOT / "README.md"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -152,25 +150,6 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen, log: Pa
         time.sleep(0.2)
 
 
-def accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 # --- the README's recipe ---------------------------------------------------------------------
 def test_the_readmes_debian_recipe_installs_creates_the_database_and_serves(tmp_path):
     app = tmp_path / "srv-support-app"
@@ -233,7 +212,7 @@ def test_the_readmes_debian_recipe_installs_creates_the_database_and_serves(tmp_
             start_new_session=True,
         )
     try:
-        wait_until(lambda: accepts(socket_path), STARTUP, "the socket", proc, log)
+        wait_until(lambda: accepts_unix(socket_path), STARTUP, "the socket", proc, log)
         # as nginx sends them: its Host, its scheme
         headers = {"Host": "tickets.example.com", "X-Forwarded-Proto": "https"}
         transport = httpx.HTTPTransport(uds=socket_path)
@@ -283,7 +262,7 @@ def test_the_readmes_debian_recipe_installs_creates_the_database_and_serves(tmp_
         (metrics_dir,) = list(scratch.iterdir())  # made by the entry point for this run
         assert len({p.name.rsplit("_", 1)[1] for p in metrics_dir.glob("*.db")}) == 2
     finally:
-        stop(proc)
+        stop_process(proc, timeout=15)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert list(scratch.iterdir()) == [], "the run's metrics folder is left behind"
     lines = json_lines(log.read_text())
@@ -379,7 +358,7 @@ def test_the_docker_images_steps_build_and_its_command_serves(tmp_path):
         with psycopg.connect(superuser_url("docker_image")) as conn:
             assert conn.execute("SELECT count(*) FROM support_ticket").fetchone() == (0,)
     finally:
-        stop(proc)
+        stop_process(proc, timeout=15)
     lines = json_lines(log.read_text())
     assert sum(line["message"].startswith("Started server process") for line in lines) == int(
         env["WEB_CONCURRENCY"]
@@ -486,7 +465,7 @@ def test_plain_uvicorn_with_workers_and_no_metrics_folder_says_so(tmp_path):
         assert scrape.headers["content-type"] == "application/json"
         assert "project.serve" in scrape.json()["detail"]
     finally:
-        stop(proc)
+        stop_process(proc, timeout=15)
 
 
 def test_a_second_server_is_refused_the_metrics_folder_of_a_running_one(tmp_path):
