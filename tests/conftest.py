@@ -87,6 +87,19 @@ TICKET_KEYS = {
 
 PASSWORD = "pw-for-tests-1"  # create_user's default
 
+# Debian's Chromium, as the browser tests drive it (Playwright downloads no browser): headless
+# on a closed network, so nothing in the background tries to reach Google's hosts.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
 
 def create_user(*, staff: bool = False, agent: bool = False, password: str = PASSWORD):
     user = services.User.objects.create_user(

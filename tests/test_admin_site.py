@@ -25,7 +25,7 @@ from django.test.utils import CaptureQueriesContext
 from support import services
 from support.models import ApiToken as Token
 from support.models import Ticket, TicketAssignment, TicketEvent
-from tests.conftest import create_user
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, create_user
 from tests.invariants import assert_invariants
 from tests.servers import database_url, free_port
 
@@ -644,15 +644,6 @@ def test_deactivate_agents_action_goes_through_the_service(site, boss, agent):
 
 
 # --- In a real browser -----------------------------------------------------------------------
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 SERVER_CAP = 2
 PASSWORD = "a-browser-passphrase-7"
 
@@ -720,7 +711,7 @@ def test_admin_site_in_a_real_browser(server):
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=BROWSER_ARGS, timeout=30_000
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(10_000)

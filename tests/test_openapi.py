@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.urls import URLPattern, URLResolver, get_resolver
 from openapi_spec_validator import validate
 
-from tests.conftest import TICKET_KEYS
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, TICKET_KEYS
 from tests.servers import run_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -316,15 +316,6 @@ async def test_docs_pages_and_their_assets_reference_only_the_app(make_client, p
         assert set(sources) <= LOCAL_SOURCES, f"{directive} lets in {sources}"
 
 
-BROWSER_ARGS = [  # as tests/test_admin_site.py
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 # The pages are opened under a name other than localhost/127.0.0.1, as in production (Swagger
 # UI, for one, behaves differently on a loopback name). Every other name fails to resolve: the
 # test never reaches the Internet.
@@ -366,15 +357,13 @@ def test_docs_pages_in_a_real_browser_request_only_the_app(schema):
 
     title = schema["info"]["title"]
     operations = [(path, method) for path, ops in schema["paths"].items() for method in ops]
-    args = [*BROWSER_ARGS, f"--host-resolver-rules=MAP {DOCS_HOST} 127.0.0.1, MAP * ~NOTFOUND"]
+    args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {DOCS_HOST} 127.0.0.1, MAP * ~NOTFOUND"]
     with (
         run_uvicorn(workers=1, env={"DJANGO_ALLOWED_HOSTS": DOCS_HOST}) as server,
         sync_playwright() as playwright,
     ):
         origin = f"http://{DOCS_HOST}:{server.port}"
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=args, timeout=30_000
-        )
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args, timeout=30_000)
         try:
             for path in DOC_PAGES:
                 page, tried, sent_out = _open_recorded(browser, origin + path, origin)
