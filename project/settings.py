@@ -85,6 +85,9 @@ DB_CONNECT_TIMEOUT = env_int("DB_CONNECT_TIMEOUT", 3, minimum=1)
 DB_LOCK_TIMEOUT_MS = env_int("DB_LOCK_TIMEOUT_MS", 3000, minimum=0)
 DB_STATEMENT_TIMEOUT_MS = env_int("DB_STATEMENT_TIMEOUT_MS", 15000, minimum=0)
 SQLITE_BUSY_TIMEOUT = env_float("SQLITE_BUSY_TIMEOUT", 20.0, minimum=0)
+# Threads per process for the requests' blocking work (project/handler.py): more than the
+# database pool's connections would only wait for one.
+SUPPORT_REQUEST_THREADS = env_int("SUPPORT_REQUEST_THREADS", DB_POOL_MAX_SIZE, minimum=1)
 
 
 def database_config(url: str) -> dict:

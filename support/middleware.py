@@ -6,6 +6,7 @@ import json
 import logging
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
@@ -50,8 +51,25 @@ class DatabaseUnavailableMiddleware:
 # only read and set attributes and headers, so the subclasses below call them directly. The
 # two that can touch the database (saving a session, storing messages into it) still go to a
 # thread, and only when there is something to save.
+HTML_SITES = ("/admin/", "/api-auth/")  # pages made for people, with sessions
+
+
+def token_request(request) -> bool:
+    """A request that carries an API token (``Authorization: Token <key>``) outside the HTML
+    sites: no session, no messages, no admin user to load (DRF's authentication sets the user)."""
+    return request.META.get("HTTP_AUTHORIZATION", "")[:6].lower() == "token " and (
+        not request.path_info.startswith(HTML_SITES)
+    )
+
+
 class _InlineHooks:
+    # The admin site's middleware sets this: a token request goes around it (the message
+    # storage alone, built for every request, cost about 5 % of a request that does nothing).
+    browser_only = False
+
     async def __acall__(self, request):
+        if self.browser_only and token_request(request):
+            return await self.get_response(request)
         response = None
         if hasattr(self, "process_request"):
             response = self.process_request(request)
@@ -79,7 +97,7 @@ class JsonErrorsMiddleware(_InlineHooks, MiddlewareMixin):
     browsable API's login pages (HTML by design), and DRF's own answers (negotiated).
     """
 
-    HTML_SITES = ("/admin/", "/api-auth/")
+    HTML_SITES = HTML_SITES
     DETAILS = {
         400: "Bad request.",
         403: "Forbidden.",
@@ -110,9 +128,13 @@ class SecurityMiddleware(_InlineHooks, security.SecurityMiddleware):
 
 
 class SessionMiddleware(_InlineHooks, sessions.SessionMiddleware):
+    browser_only = True
+
     def response_needs_thread(self, request) -> bool:
+        # Only a save reads or writes the database; a session merely read (DRF's session
+        # authentication of a request without a token) is answered in place.
         session = getattr(request, "session", None)
-        return session is not None and session.accessed
+        return session is not None and (session.modified or settings.SESSION_SAVE_EVERY_REQUEST)
 
 
 class CommonMiddleware(_InlineHooks, common.CommonMiddleware):
@@ -126,10 +148,14 @@ class CsrfViewMiddleware(_InlineHooks, csrf.CsrfViewMiddleware):
 
 
 class AuthenticationMiddleware(_InlineHooks, auth.AuthenticationMiddleware):
-    pass  # sets a lazy request.user; reading it in a sync view runs the query in that thread
+    # Sets a lazy request.user (reading it in a sync view runs the query in that thread); on a
+    # token request DRF's authentication sets it.
+    browser_only = True
 
 
 class MessageMiddleware(_InlineHooks, messages.MessageMiddleware):
+    browser_only = True
+
     def response_needs_thread(self, request) -> bool:
         storage = getattr(request, "_messages", None)
         return storage is not None and (storage.used or storage.added_new)

@@ -130,7 +130,7 @@ async def test_a_handler_that_skips_the_checks_is_refused_not_served():
         await _RaisesUnchecked.as_view()(APIRequestFactory().get("/"))
     response = await _Checked.as_view()(APIRequestFactory().get("/"))
     assert response.status_code == 200
-    assert response.data == {"user": "AnonymousUser"}  # authentication ran
+    assert json.loads(response.content) == {"user": "AnonymousUser"}  # authentication ran
 
 
 # --- Query plans: cost that does not grow with history ---------------------------------------

@@ -38,6 +38,11 @@ from django.db.backends.postgresql import base
 from psycopg import Error, IsolationLevel
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from project.handler import connection_deadline
+
+# A request that queued for a thread until its last moment still gets this long for a
+# connection: an idle one is handed over at once.
+MIN_WAIT = 0.05
 RETRY_EVERY = 0.25  # seconds between attempts while requests wait and the database refuses
 
 _retry_pending = threading.Lock()  # one scheduled retry at a time per process
@@ -82,6 +87,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self.isolation_level = IsolationLevel.READ_COMMITTED  # PostgreSQL's default, as Django's
         pool.open()
         deadline = monotonic() + pool.timeout
+        waited = connection_deadline()  # part of the wait was spent queueing for a thread
+        if waited is not None:
+            deadline = min(deadline, max(waited, monotonic() + MIN_WAIT))
         while (remaining := deadline - monotonic()) > 0:
             connection = pool.getconn(timeout=remaining)  # raises PoolTimeout when it is up
             try:

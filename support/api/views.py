@@ -1,9 +1,32 @@
-"""The API's base view: DRF's checks and the handler's database work in one worker-thread hop."""
+"""The API's base view: DRF's checks and the handler's database work in one worker-thread hop,
+the JSON answer rendered on the event loop."""
 
 from adrf import views
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpResponse
 from rest_framework import views as drf_views
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+
+
+def rendered(response):
+    """A JSON answer rendered here, on the event loop, as a plain HttpResponse.
+
+    Django's handler renders a DRF Response in a thread hop of its own, a second hop for every
+    API request. The browsable API's HTML pages (their forms may read the database) are left to
+    it.
+    """
+    if not isinstance(response, Response) or not isinstance(
+        response.accepted_renderer, JSONRenderer
+    ):
+        return response
+    response.render()
+    plain = HttpResponse(response.content, status=response.status_code, headers=response.headers)
+    if "Content-Type" not in response:  # an empty body (204) has none
+        del plain["Content-Type"]
+    plain.cookies = response.cookies
+    return plain
 
 
 class APIView(views.APIView):
@@ -27,10 +50,11 @@ class APIView(views.APIView):
 
     async def in_thread(self, work, *args, **kwargs):
         def checks_then_work():
-            self._checked = True  # the checks ran (or are raising their 401/403/429 now)
             self.initial(self.request, *self.args, **self.kwargs)
             return work(*args, **kwargs)
 
+        # the checks run first in the call, or the call fails (no thread free: 503)
+        self._checked = True
         return await sync_to_async(checks_then_work)()
 
     async def async_dispatch(self, request, *args, **kwargs):
@@ -60,4 +84,4 @@ class APIView(views.APIView):
         except Exception as exc:
             response = self.handle_exception(exc)
         self.response = self.finalize_response(request, response, *args, **kwargs)
-        return self.response
+        return rendered(self.response)

@@ -1,0 +1,299 @@
+"""Django's ASGI handler, paying the async stack's costs once per request.
+
+How a request flows: uvicorn hands it to this handler on the worker's event loop; the middleware
+runs there (support/middleware.py keeps Django's hooks off threads); an API view does all of its
+blocking work (token check, permissions, throttles, the transaction, the reads of its answer) in
+one call to a worker thread (support/api/views.py) and renders its JSON back on the loop. That
+thread comes from a per-process pool of single-thread executors (asgiref's
+``ThreadSensitiveContext(executor=...)``): Django's own handler starts a new thread for every
+request and joins it at the end, which cost about half of a bare view's time. The work Django
+hangs on the request signals (forget the debug query log, give database connections back)
+happens at the end of each call on the thread itself, and the URLconf reset on the loop, not in
+calls of their own; the signals are still sent, the Django way, when anything else listens.
+
+The pool is bounded (``SUPPORT_REQUEST_THREADS``, by default the database pool's size: a thread
+beyond it would only wait for a connection). A request takes a thread at its first blocking call
+and gives it back when its answer is ready, before the answer is sent, so slow readers hold none;
+while all are taken, requests queue on the loop, first come first served, for up to
+``DB_POOL_TIMEOUT`` (then 503, as when the database pool is exhausted).
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
+from django.core import signals
+from django.core.cache import caches, close_caches
+from django.core.exceptions import RequestAborted
+from django.core.handlers import asgi, base
+from django.db import OperationalError, close_old_connections, connections, reset_queries
+from django.urls import set_script_prefix, set_urlconf
+from django.utils.log import log_response
+
+
+class ThreadsBusy(OperationalError):
+    """No request thread came free in time: answered 503 with Retry-After, like a full pool."""
+
+
+_hop = threading.local()
+
+
+def connection_deadline() -> float | None:
+    """When the current call must have its database connection by (``time.monotonic()``), if
+    its request already spent part of ``DB_POOL_TIMEOUT`` waiting for a thread: one request
+    waits for capacity, a thread and then a connection, that long in all."""
+    return getattr(_hop, "deadline", None)
+
+
+def _run_hop(call: "_Call"):
+    """One blocking call of a request, on its thread, with the request signals' work around it."""
+    if call.first:
+        for conn in connections.all(initialized_only=True):
+            conn.queries_log.clear()  # django.db.reset_queries
+    _hop.deadline = call.deadline
+    try:
+        return call.fn(*call.args, **call.kwargs)
+    finally:
+        _hop.deadline = None
+        # django.db.close_old_connections: with the pool (CONN_MAX_AGE 0) every connection the
+        # call took goes back to it here, so an idle thread holds none.
+        for conn in connections.all(initialized_only=True):
+            conn.close_if_unusable_or_obsolete()
+        for cache in caches.all(initialized_only=True):
+            cache.close()
+
+
+@dataclass
+class _Call:
+    future: Future
+    first: bool
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    deadline: float | None = None
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # the caller gave up while waiting for a thread
+        try:
+            result = _run_hop(self)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class RequestThreads:
+    """A process's request threads: single-thread executors, reused; at most ``size``.
+
+    Used from the event loop's thread only (asgiref submits there), so no lock.
+    """
+
+    def __init__(self, size: int, wait_timeout: float):
+        self.size = size
+        self.wait_timeout = wait_timeout
+        self.started = 0
+        self._idle: list[ThreadPoolExecutor] = []
+        self._waiting: deque[RequestThread] = deque()
+
+    def _lease(self, requester: "RequestThread") -> ThreadPoolExecutor | None:
+        if self._idle:
+            return self._idle.pop()  # the most recently used: its stack is warm
+        if self.started < self.size:
+            self.started += 1
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        self._waiting.append(requester)
+        return None
+
+    def _give_back(self, executor: ThreadPoolExecutor) -> None:
+        while self._waiting:
+            if self._waiting.popleft()._receive(executor):
+                return
+        self._idle.append(executor)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for requester in self._waiting if requester._pending)
+
+
+class RequestThread(Executor):
+    """The executor of one request: a pooled thread, taken at the first call, given back by
+    ``release()`` (taken again if the request makes another call after)."""
+
+    def __init__(self, threads: RequestThreads):
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[_Call] = []
+        self._queued_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._first = True
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        call = _Call(Future(), self._first, fn, args, kwargs)
+        self._first = False
+        if self._executor is None and not self._pending:
+            self._executor = self._threads._lease(self)
+        if self._executor is not None:
+            self._executor.submit(call.run)
+        else:
+            if not self._pending:
+                self._queued_at = time.monotonic()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._threads.wait_timeout, self._expire)
+            self._pending.append(call)
+        return call.future
+
+    def _receive(self, executor: ThreadPoolExecutor) -> bool:
+        """A thread for this request's waiting calls; False when it waits no more."""
+        if not self._pending:
+            return False
+        self._cancel_timer()
+        self._executor = executor
+        deadline = self._queued_at + self._threads.wait_timeout
+        for call in self._pending:
+            call.deadline = deadline
+            executor.submit(call.run)
+        self._pending.clear()
+        return True
+
+    def _expire(self) -> None:
+        self._timer = None
+        pending, self._pending = self._pending, []
+        seconds = self._threads.wait_timeout
+        for call in pending:
+            if call.future.set_running_or_notify_cancel():
+                call.future.set_exception(ThreadsBusy(f"no request thread free in {seconds} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def release(self) -> None:
+        """Give the thread back. A call still running on it finishes first: the next request
+        to take the thread queues behind it on that one thread."""
+        self._cancel_timer()
+        for call in self._pending:
+            call.future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            self._threads._give_back(executor)
+
+
+_request_thread: contextvars.ContextVar[RequestThread] = contextvars.ContextVar("request_thread")
+
+
+def release_request_thread() -> None:
+    """Give the current request's thread back to the pool (e.g. before a long wait)."""
+    thread = _request_thread.get(None)
+    if thread is not None:
+        thread.release()
+
+
+class PooledASGIHandler(asgi.ASGIHandler):
+    """Django's ASGIHandler with pooled request threads and no thread hops of its own."""
+
+    def __init__(self):
+        super().__init__()
+        # Their work is done at the end of each call on the request's thread (_run_hop).
+        signals.request_started.disconnect(reset_queries)
+        signals.request_started.disconnect(close_old_connections)
+        signals.request_finished.disconnect(close_old_connections)
+        signals.request_finished.disconnect(close_caches)
+        signals.request_finished.disconnect(base.reset_urlconf)  # done by _close, in place
+        self.threads = RequestThreads(
+            size=settings.SUPPORT_REQUEST_THREADS, wait_timeout=settings.DB_POOL_TIMEOUT
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        thread = RequestThread(self.threads)
+        token = _request_thread.set(thread)
+        try:
+            async with ThreadSensitiveContext(executor=thread):
+                await self.handle(scope, receive, send)
+        finally:
+            thread.release()
+            _request_thread.reset(token)
+
+    async def run_get_response(self, request):
+        response = await super().run_get_response(request)
+        release_request_thread()  # the answer is ready; sending it needs no thread
+        return response
+
+    async def get_response_async(self, request):
+        # BaseHandler.get_response_async, logging a 4xx/5xx answer in place rather than in a
+        # hop to the default executor (the log handlers write a line to a stream).
+        set_urlconf(settings.ROOT_URLCONF)
+        response = await self._middleware_chain(request)
+        response._resource_closers.append(request.close)
+        if response.status_code >= 400:
+            log_response(
+                "%s: %s", response.reason_phrase, request.path, response=response, request=request
+            )
+        return response
+
+    async def handle(self, scope, receive, send):
+        # ASGIHandler.handle (Django 5.2), but closing the response in place when nothing
+        # listens to request_finished: Django closes it in a thread hop of its own.
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(asgi.get_script_prefix(scope))
+        await signals.request_started.asend(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            await self.send_response(error_response, send)
+            await self._close(error_response)
+            return
+
+        async def process_request(request, send):
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client went away
+                await self.send_response(response, send)
+            return response
+
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request(request, send)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            await signals.request_finished.asend(sender=self.__class__)
+        else:
+            await self._close(response)
+        body_file.close()
+
+    async def _close(self, response) -> None:
+        set_urlconf(None)  # django.core.handlers.base.reset_urlconf
+        if signals.request_finished.has_listeners(self.__class__):
+            await sync_to_async(response.close)()
+        else:
+            response.close()
