@@ -95,8 +95,8 @@ class TicketListView(APIView):
                 raise exceptions.ValidationError(filterset.errors)
             queryset = filterset.qs
             count = queryset.count()
-        else:  # no filter: no FilterSet to build; the page is a prepared statement
-            count = Ticket.objects.count()
+        else:  # no filter: no FilterSet to build; the counters' total, a prepared page
+            count = services.status_count()
         last = max(1, -(-count // size))
         if page is None:
             page = last

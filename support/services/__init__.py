@@ -5,7 +5,8 @@ call it from their one worker-thread hop (``support.api.views``). What may happe
 is support.rules; how the services take their locks is support.services.locks.
 
 - ``errors``: the refusals, each one HTTP answer (support.api.errors maps them);
-- ``selectors``: reads (tickets as rows, what an agent holds, agents with their load);
+- ``selectors``: reads (tickets as rows, what an agent holds, agents with their load, ticket
+  counts);
 - ``locks``: the lock contract and the helpers that take the locks;
 - ``records``: the one writer of a ticket's status and holder and of its history;
 - ``agent_work``: the agent's fetch (top-up), its moves, releases;
@@ -49,6 +50,7 @@ from support.services.selectors import (
     held_tickets,
     is_agent_expr,
     newest_tickets,
+    status_count,
     ticket_history,
     ticket_holder,
     ticket_row,
@@ -82,6 +84,7 @@ __all__ = [
     "held_tickets",
     "is_agent_expr",
     "newest_tickets",
+    "status_count",
     "ticket_create",
     "ticket_delete",
     "ticket_history",
