@@ -255,6 +255,20 @@ async def test_pages_under_a_tied_ordering_neither_skip_nor_repeat(admin_client,
     assert len(seen) == 30 == len(set(seen))
 
 
+@pytest.mark.smoke
+async def test_a_search_needs_three_letters_or_digits_in_a_row(admin_client, admin):
+    await run_sync(create_tickets, admin, 2)
+    for term in ("ab", "a b", "...", "%%%", "__", "a.b.c", " 12 "):
+        r = await admin_client.get("/api/tickets/", params={"search": term})
+        assert r.status_code == 400, term
+        assert "at least 3 letters or digits in a row" in r.json()["search"][0], term
+    for term in ("ticket", "KET 1", "x-123", "日本語", "(tic)"):
+        r = await admin_client.get("/api/tickets/", params={"search": term})
+        assert r.status_code == 200, (term, r.text)
+    r = await admin_client.get("/api/tickets/", params={"search": "ket 1"})
+    assert [t["title"] for t in r.json()["results"]] == ["ticket 1"]
+
+
 # --- PUT / PATCH ----------------------------------------------------------------------------
 @pytest.mark.smoke
 async def test_patch_assigning_an_open_ticket_makes_it_assigned(admin_client, admin, agent):

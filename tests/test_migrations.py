@@ -2,7 +2,7 @@
 
 0007/0008 carry the holder from the active assignments onto the tickets: tickets in every
 status, with their assignment history (ended assignments, a reassignment). 0009 fills the
-ticket counters from the tickets.
+ticket counters from the tickets; 0010 builds the search indexes.
 """
 
 import pytest
@@ -109,7 +109,7 @@ def test_a_held_status_without_an_agent_stops_the_migration_with_the_ids(old_sch
     migrate(AFTER)
 
 
-# --- 0009: the ticket counters (PostgreSQL) ---------------------------------------------------
+# --- 0009: the ticket counters, 0010: the search indexes (PostgreSQL) -------------------------
 def _counter_sums() -> dict[str, int] | None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT to_regclass('support_ticket_count') IS NOT NULL")
@@ -119,6 +119,15 @@ def _counter_sums() -> dict[str, int] | None:
             "SELECT sum(open), sum(assigned), sum(resolved), sum(closed) FROM support_ticket_count"
         )
         return dict(zip(STATUSES, map(int, cursor.fetchone()), strict=True))
+
+
+def _trigram_indexes() -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indexname, indexdef FROM pg_indexes"
+            " WHERE tablename = 'support_ticket' AND indexdef LIKE '%gin_trgm_ops%'"
+        )
+        return dict(cursor.fetchall())
 
 
 def test_the_counters_are_filled_from_the_tickets_and_dropped_going_back():
@@ -154,3 +163,22 @@ def test_the_counters_are_filled_from_the_tickets_and_dropped_going_back():
     finally:
         migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
     assert _counter_sums() == {**made, "assigned": 0, "closed": 6}
+
+
+def test_the_search_indexes_are_on_the_expressions_icontains_compares():
+    if connection.vendor != "postgresql":
+        pytest.fail("the search indexes are PostgreSQL's: run on PostgreSQL")
+    expected = {
+        "ticket_title_trgm_idx": "(upper((title)::text) gin_trgm_ops)",
+        "ticket_description_trgm_idx": "(upper(description) gin_trgm_ops)",
+    }
+    indexes = _trigram_indexes()
+    assert set(indexes) == set(expected)
+    for name, expression in expected.items():
+        assert indexes[name].endswith(f"USING gin {expression}"), indexes[name]
+    try:
+        migrate([("support", "0009_ticket_counts")])
+        assert _trigram_indexes() == {}
+    finally:
+        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    assert _trigram_indexes() == indexes
