@@ -51,6 +51,19 @@ class TicketFilter(django_filters.FilterSet):
         model = Ticket
         fields = []
 
+    # Filters that narrow the list by more than status: its count is then bounded, not exact.
+    NARROWING = ("priority", "assigned_to", "search")
+
+    def statuses(self) -> list[str]:
+        """The statuses asked for (none: every status); after is_valid()."""
+        return list(self.form.cleaned_data.get("status") or [])
+
+    def narrowed(self) -> bool:
+        """Whether a filter other than status is in use; after is_valid()."""
+        return any(
+            self.form.cleaned_data.get(name) not in (None, "", []) for name in self.NARROWING
+        )
+
     def filter_priority(self, queryset, name, value):
         return queryset.filter(priority__in=[PRIORITY_RANK[v] for v in value])
 
