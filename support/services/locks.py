@@ -23,9 +23,10 @@ runs alone, and the row locks below are no-ops):
   is the last statement that can wait (an agent's tokens are deleted before its tickets are
   released; the events and assignments written after it are new rows). At the commit the
   foreign-key checks (deferred, as Django makes them) take FOR KEY SHARE on the users and
-  tickets those rows name: the agents and tickets the transaction has locked already, and
-  the acting admin, whose row only a deletion or a change of its username could hold, and
-  neither waits for a counter.
+  tickets those rows name: the agents and tickets the transaction has locked already (no
+  wait), and the acting admin's row, which waits only while another transaction deletes that
+  user or changes its username (the admin site's user page, which saves the user before its
+  service call writes tickets).
 """
 
 import time
