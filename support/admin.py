@@ -459,13 +459,15 @@ class UserAdmin(DjangoUserAdmin):
 
     def save_model(self, request, obj, form, change):
         deactivating = change and "is_active" in form.changed_data and not obj.is_active
+        super().save_model(request, obj, form, change)
         if deactivating and obj.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists():
-            # Locks the agent's row, returns its assigned tickets to the pool and deletes its
-            # tokens, in this page's transaction; the save below keeps is_active off.
-            # NotFound: it left the agents group meanwhile, an ordinary deactivation then.
+            # After the save, which locks the user's row (a rename too), so that the service's
+            # ticket write comes after it, as the lock contract wants (support.services.locks).
+            # It returns the agent's assigned tickets to the pool and deletes its tokens, in
+            # this page's transaction. NotFound: it left the agents group meanwhile, an
+            # ordinary deactivation then.
             with contextlib.suppress(services.NotFound):
                 services.agent_deactivate(agent_id=obj.pk, actor_id=request.user.pk)
-        super().save_model(request, obj, form, change)
 
     @admin.action(
         description="Deactivate selected agents (their tickets return to the pool)",

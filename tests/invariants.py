@@ -4,6 +4,8 @@ from django.conf import settings
 from django.db.models import Count, F, FilteredRelation, Q
 
 from support.models import Ticket, TicketAssignment, TicketEvent
+from support.rules import STATUSES
+from support.services import status_count
 
 
 def invariant_violations() -> list[str]:
@@ -38,7 +40,22 @@ def invariant_violations() -> list[str]:
             )
         if (row["status"] == "open") != (row["assigned_to_id"] is None):
             problems.append(f"ticket {row['id']} is {row['status']} with {row['assigned_to_id']}")
-    return problems + history_violations()
+    return problems + history_violations() + count_violations()
+
+
+def count_violations() -> list[str]:
+    """The ticket counters (PostgreSQL's sharded counters; COUNT(*) on SQLite) agree with the
+    tickets, per status and in total."""
+    counted = dict(Ticket.objects.values_list("status").annotate(n=Count("id")).order_by())
+    problems = []
+    for status in STATUSES:
+        kept, real = status_count([status]), counted.get(status, 0)
+        if kept != real:
+            problems.append(f"{status}: the counters say {kept}, the tickets {real}")
+    kept, real = status_count(), sum(counted.values())
+    if kept != real:
+        problems.append(f"in all: the counters say {kept}, there are {real}")
+    return problems
 
 
 def history_violations() -> list[str]:

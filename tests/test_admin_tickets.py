@@ -1,13 +1,19 @@
-"""The admin ticket API: create, list (pages, filters, order), read, PUT/PATCH rules, delete."""
+"""The admin ticket API: create, list (pages, filters, order, counts, cursors, search), read,
+PUT/PATCH rules, delete."""
 
+import asyncio
+import base64
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
+from support import services
 from support.models import Ticket, TicketAssignment
-from tests.conftest import TICKET_KEYS, create_tickets, create_user, run_sync
+from tests.conftest import TICKET_KEYS, create_held, create_tickets, create_user, run_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -181,7 +187,13 @@ async def test_page_last_serves_the_last_page(admin_client, admin, agent):
     # an empty list has one empty page, its last
     r = await admin_client.get(f"/api/tickets/?assigned_to={agent.pk}&page=last")
     assert r.status_code == 200, r.text
-    assert r.json() == {"count": 0, "next": None, "previous": None, "results": []}
+    assert r.json() == {
+        "count": 0,
+        "count_exact": True,
+        "next": None,
+        "previous": None,
+        "results": [],
+    }
 
 
 async def test_page_past_the_end_is_404(admin_client, admin):
@@ -192,7 +204,13 @@ async def test_page_past_the_end_is_404(admin_client, admin):
 
 async def test_empty_list_has_one_empty_page(admin_client):
     r = await admin_client.get("/api/tickets/")
-    assert r.json() == {"count": 0, "next": None, "previous": None, "results": []}
+    assert r.json() == {
+        "count": 0,
+        "count_exact": True,
+        "next": None,
+        "previous": None,
+        "results": [],
+    }
 
 
 async def test_filters_status_priority_assignee_and_search(admin_client, admin, agent):
@@ -253,6 +271,228 @@ async def test_pages_under_a_tied_ordering_neither_skip_nor_repeat(admin_client,
         seen += [t["id"] for t in body["results"]]
         url = body["next"]
     assert len(seen) == 30 == len(set(seen))
+
+
+# --- list: counts, the count limit, cursors, search -----------------------------------------
+async def _walk(client, url: str, link: str = "next") -> list[dict]:
+    """Every page from ``url`` on, following ``link`` until it is null."""
+    pages = []
+    while url:
+        response = await client.get(url)
+        assert response.status_code == 200, (url, response.text)
+        pages.append(response.json())
+        url = pages[-1][link]
+    return pages
+
+
+def _ids(pages: list[dict]) -> list[int]:
+    return [t["id"] for page in pages for t in page["results"]]
+
+
+def _newest_first_ids() -> list[int]:
+    return list(Ticket.objects.order_by("-created_at", "-id").values_list("pk", flat=True))
+
+
+@pytest.mark.smoke
+async def test_counts_are_exact_without_a_filter_and_with_statuses_only(admin_client, admin, agent):
+    await run_sync(create_tickets, admin, 7)
+    await run_sync(create_held, admin, agent, 3)
+    await run_sync(create_held, admin, agent, 2, status="closed", priority=Ticket.Priority.HIGH)
+    for query, count in (
+        ("", 12),
+        ("?status=open", 7),
+        ("?status=assigned&status=closed&ordering=-priority", 5),
+        ("?status=resolved", 0),
+        ("?priority=high", 2),  # another filter: counted up to the limit, here exactly
+        (f"?assigned_to={agent.pk}&status=assigned", 3),
+    ):
+        body = (await admin_client.get(f"/api/tickets/{query}")).json()
+        assert (body["count"], body["count_exact"]) == (count, True), query
+        assert type(body["count"]) is int, query
+        assert list(body) == ["count", "count_exact", "next", "previous", "results"]
+
+
+async def test_a_count_past_the_limit_says_so_and_every_page_still_works(
+    admin_client, admin, settings
+):
+    settings.SUPPORT_LIST_COUNT_LIMIT = 5
+    await run_sync(create_tickets, admin, 12, priority=Ticket.Priority.HIGH)
+    await run_sync(create_tickets, admin, 3)
+    high = await run_sync(
+        lambda: list(
+            Ticket.objects.filter(priority=Ticket.Priority.HIGH)
+            .order_by("-created_at", "-id")
+            .values_list("pk", flat=True)
+        )
+    )
+
+    pages = await _walk(admin_client, "/api/tickets/?priority=high&page_size=5")
+    assert [(p["count"], p["count_exact"]) for p in pages] == [(5, False)] * 3
+    assert _ids(pages) == high
+    assert [len(p["results"]) for p in pages] == [5, 5, 2]
+    links = [(p["previous"], p["next"]) for p in pages]
+    assert links[0][0] is None
+    assert "page=2" in links[0][1]
+    assert "page=" not in links[1][0].replace("page_size=", "")
+    assert "page=3" in links[1][1]
+    assert "page=2" in links[2][0]
+    assert links[2][1] is None
+
+    r = await admin_client.get("/api/tickets/?priority=high&page_size=5&page=4")
+    assert r.status_code == 404
+    r = await admin_client.get("/api/tickets/?priority=high&page=last")
+    assert r.status_code == 400
+    assert "?cursor=" in r.json()["page"][0]
+    # exactly the limit is an exact count, and then the last page is served
+    settings.SUPPORT_LIST_COUNT_LIMIT = 12
+    r = await admin_client.get("/api/tickets/?priority=high&page=last&page_size=5")
+    assert r.status_code == 200, r.text
+    assert (r.json()["count"], r.json()["count_exact"], len(r.json()["results"])) == (12, True, 2)
+    # no filter, or statuses only: the counters, exact past any limit
+    settings.SUPPORT_LIST_COUNT_LIMIT = 1
+    for query in ("?page=last", "?status=open&page=last"):
+        r = await admin_client.get(f"/api/tickets/{query}")
+        assert r.status_code == 200, (query, r.text)
+        assert (r.json()["count"], r.json()["count_exact"]) == (15, True)
+
+
+@pytest.mark.smoke
+async def test_a_cursor_walk_sees_every_ticket_once_in_order_ties_included(admin_client, admin):
+    now = timezone.now()
+
+    def make():
+        # bulk loaded: 23 tickets share one timestamp, 14 others have their own
+        Ticket.objects.bulk_create(
+            Ticket(title=f"tied {n}", created_by=admin, created_at=now) for n in range(23)
+        )
+        Ticket.objects.bulk_create(
+            Ticket(title=f"own {n}", created_by=admin, created_at=now - timedelta(seconds=n))
+            for n in range(1, 15)
+        )
+
+    await run_sync(make)
+    newest = await run_sync(_newest_first_ids)
+    pages = await _walk(admin_client, "/api/tickets/?cursor=&page_size=5")
+    assert _ids(pages) == newest
+    assert [len(p["results"]) for p in pages] == [5] * 7 + [2]
+    assert pages[0]["previous"] is None
+    assert all("cursor=" in p["previous"] for p in pages[1:])
+    assert all(p["count"] == 37 and p["count_exact"] for p in pages)
+    assert all("page_size=5" in p["next"] for p in pages[:-1])
+    # and back, from the last page to the first
+    back = await _walk(admin_client, pages[-1]["previous"], link="previous")
+    assert back[-1]["previous"] is None
+    assert [_ids([p]) for p in reversed(back)] == [_ids([p]) for p in pages[:-1]]
+    # a previous page's next link leads forward again
+    again = await admin_client.get(back[0]["next"])
+    assert _ids([again.json()]) == _ids([pages[-1]])
+
+
+async def test_a_cursor_walk_while_tickets_are_created_sees_each_ticket_once(admin_client, admin):
+    """A creator adds tickets throughout the walk: walking on (next) shows exactly the tickets
+    that were there when the first page was read, once each; going back (previous) from the
+    end shows every other ticket once, the new ones included."""
+    await run_sync(create_tickets, admin, 40)
+    before = await run_sync(_newest_first_ids)
+    created: list[int] = []
+    stop, made = threading.Event(), threading.Semaphore(0)
+
+    def creator():
+        try:
+            while not stop.is_set():
+                row = services.ticket_create(
+                    title="created meanwhile", description="", priority=1, created_by_id=admin.pk
+                )
+                created.append(row["id"])
+                made.release()
+        finally:
+            connection.close()
+
+    pages = [(await admin_client.get("/api/tickets/?cursor=&page_size=6")).json()]
+    thread = threading.Thread(target=creator)
+    thread.start()
+    try:
+        url = pages[0]["next"]
+        while url:
+            await asyncio.to_thread(made.acquire)  # at least one more ticket before each page
+            pages.append((await admin_client.get(url)).json())
+            url = pages[-1]["next"]
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+    assert len(created) >= len(pages) >= 7
+    assert _ids(pages) == before
+    back = await _walk(admin_client, pages[-1]["previous"], link="previous")
+    seen = _ids(back)
+    assert len(seen) == len(set(seen))
+    assert set(seen) == (set(before) | set(created)) - set(_ids(pages[-1:]))
+    assert back[-1]["previous"] is None
+
+
+@pytest.mark.smoke
+async def test_a_cursor_walks_a_filtered_list(admin_client, admin, agent):
+    tickets = await _make_listing_data(admin, agent)
+    needles = [t.pk for t in reversed(tickets) if t.description.startswith("needle")]
+    pages = await _walk(admin_client, "/api/tickets/?cursor=&search=needle&page_size=2")
+    assert _ids(pages) == needles
+    assert all((p["count"], p["count_exact"]) == (5, True) for p in pages)
+    assert all("search=needle" in p["next"] for p in pages[:-1])
+    urgent = [t.pk for t in reversed(tickets) if t.priority == 3]
+    pages = await _walk(admin_client, "/api/tickets/?priority=urgent&cursor=&status=open")
+    assert _ids(pages) == urgent
+
+
+async def test_a_cursor_is_refused_with_page_or_ordering_and_when_it_is_not_ours(
+    admin_client, admin
+):
+    await run_sync(create_tickets, admin, 3)
+    first = (await admin_client.get("/api/tickets/?cursor=&page_size=1")).json()
+    good = first["next"].split("cursor=", 1)[1].split("&", 1)[0]
+    assert (await admin_client.get(f"/api/tickets/?cursor={good}")).status_code == 200
+    for query in (
+        f"cursor={good}&page=2",
+        "cursor=&page=1",
+        "cursor=&ordering=-created_at",
+        f"cursor={good}&ordering=",
+    ):
+        r = await admin_client.get(f"/api/tickets/?{query}")
+        assert r.status_code == 400, query
+        assert "page and ordering" in r.json()["cursor"][0], query
+    encode = lambda text: base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")  # noqa: E731
+    for bad in (
+        "garbage!",
+        good + "=",
+        good + "AAAA",
+        "x" * 65,
+        encode("n:1700000000000000"),
+        encode("q:1700000000000000:1"),
+        encode("n:1700000000000000:0"),
+        encode("n:99999999999999999999:1"),
+        encode("n:-99999999999999999:1"),
+        encode("n:1700000000000000:99999999999999999999"),
+        encode("n:1.5:1"),
+        encode("n: 1:1"),
+        base64.urlsafe_b64encode(b"\xff\xfe:1:1").decode(),
+    ):
+        r = await admin_client.get("/api/tickets/", params={"cursor": bad})
+        assert r.status_code == 400, bad
+        assert r.json() == {
+            "cursor": ["Invalid cursor: use the next and previous links as they are."]
+        }
+
+
+@pytest.mark.smoke
+async def test_a_search_needs_three_letters_or_digits_in_a_row(admin_client, admin):
+    await run_sync(create_tickets, admin, 2)
+    for term in ("ab", "a b", "...", "%%%", "__", "a.b.c", " 12 "):
+        r = await admin_client.get("/api/tickets/", params={"search": term})
+        assert r.status_code == 400, term
+        assert "at least 3 letters or digits in a row" in r.json()["search"][0], term
+    for term in ("ticket", "KET 1", "x-123", "日本語", "(tic)"):
+        r = await admin_client.get("/api/tickets/", params={"search": term})
+        assert r.status_code == 200, (term, r.text)
+    r = await admin_client.get("/api/tickets/", params={"search": "ket 1"})
+    assert [t["title"] for t in r.json()["results"]] == ["ticket 1"]
 
 
 # --- PUT / PATCH ----------------------------------------------------------------------------

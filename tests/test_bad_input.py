@@ -407,6 +407,7 @@ async def test_nul_bytes_in_the_query_string_are_refused_with_400(admin_client, 
         ({"status": "open\x00"}, "status"),
         ({"priority": "\x00"}, "priority"),
         ({"assigned_to": "1\x00"}, "assigned_to"),
+        ({"cursor": "\x00"}, "cursor"),
     ):
         response = await admin_client.get("/api/tickets/", params=params)
         assert response.status_code == 400, (params, response.text)
@@ -521,6 +522,7 @@ async def test_numbers_of_thousands_of_digits_get_a_clean_answer_anywhere(
         ({"priority": HUGE}, 400),
         ({"ordering": HUGE}, 400),
         ({"search": HUGE}, 400),
+        ({"cursor": HUGE}, 400),
     ):
         response = await admin_client.get("/api/tickets/", params=params)
         assert response.status_code == status, (params.keys(), response.text[:200])
@@ -660,6 +662,11 @@ async def test_unknown_list_filters_are_refused_with_400(admin_client, world):
         ({"page_size": "-" + "9" * 30}, "page_size"),
         ({"page_size": "+5"}, "page_size"),
         ({"search": "s" * 201}, "search"),
+        ({"search": "ab"}, "search"),  # too short for the search index
+        ({"search": "%_%"}, "search"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": "", "page": "1"}, "cursor"),
+        ({"cursor": "", "ordering": "id"}, "cursor"),
     ):
         response = await admin_client.get("/api/tickets/", params=params)
         assert response.status_code == 400, (params, response.text)

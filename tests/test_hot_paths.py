@@ -211,6 +211,121 @@ def test_pool_pick_and_admin_page_read_their_indexes():
     assert scans[0]["Actual Rows"] == 20
 
 
+# --- The admin list on a large table: counts, search, status and cursor pages ----------------
+def _seed_list(admin, agent, total: int) -> None:
+    """``total`` tickets in one statement, as a long-lived install holds them: most closed,
+    every 20th open, every 1000th assigned; titles and descriptions of varied words; created
+    ten to a second (so timestamps tie); five descriptions name a zebra."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO support_ticket (title, description, status, priority, created_at,"
+            " updated_at, created_by_id, assigned_to_id, assigned_at)"
+            " SELECT format('%%s %%s', (ARRAY['Printer', 'VPN', 'Laptop', 'Mail', 'Badge',"
+            "  'Phone'])[1 + g %% 6], left(md5(g::text), 12)),"
+            " CASE WHEN g %% 10000 = 7 THEN 'A zebra on the loading dock' ELSE"
+            "  md5((g * 7)::text) || ' ' || md5((g * 13)::text) END,"
+            " s.status, g %% 4, now() - ((%s - g) / 10) * interval '1 second', now(), %s,"
+            " CASE WHEN s.status = 'open' THEN NULL ELSE %s END,"
+            " CASE WHEN s.status = 'open' THEN NULL ELSE now() END"
+            " FROM generate_series(1, %s) g, LATERAL (SELECT CASE WHEN g %% 20 = 0 THEN 'open'"
+            "  WHEN g %% 1000 = 1 THEN 'assigned' ELSE 'closed' END AS status) s",
+            [total, admin.pk, agent.pk, total],
+        )
+    with connection.cursor() as cursor:  # fresh statistics; the search indexes' pending
+        cursor.execute("VACUUM ANALYZE support_ticket")  # entries merged, as autovacuum does
+
+
+def _read_from_tickets(plan: dict) -> int:
+    """Rows the plan read from the ticket table or its indexes, kept or thrown away."""
+    read = 0
+    for node in _nodes(plan):
+        if node.get("Relation Name") == "support_ticket" or node.get("Index Name"):
+            loops = node.get("Actual Loops", 1)
+            read += node["Actual Rows"] * loops
+            read += node.get("Rows Removed by Filter", 0) + node.get(
+                "Rows Removed by Index Recheck", 0
+            )
+    return read
+
+
+def _list_statements(client, admin, query: str) -> tuple[dict, list[str]]:
+    status, sql = _call(client, admin, "GET", f"/api/tickets/?{query}")
+    assert status == 200, (query, sql)
+    body = client.get(f"/api/tickets/?{query}", HTTP_AUTHORIZATION=f"Token {admin.token}").json()
+    return body, [q for q in sql if "support_ticket" in q and "support_apitoken" not in q]
+
+
+def _explain(sql: str) -> dict:
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+        plan = cursor.fetchone()[0]
+    return (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+
+
+def test_the_admin_list_reads_a_bounded_number_of_rows_on_a_large_table(settings):
+    """50,000 tickets: the count from the counters (the ticket table untouched), a search
+    through its trigram indexes, a status page and cursor pages deep in the list, each reading
+    a few dozen rows at most: the statements the API sent, EXPLAINed as sent."""
+    if connection.vendor != "postgresql":
+        pytest.fail("query plans are PostgreSQL's: run on PostgreSQL")
+    client = Client()
+    admin = create_user(staff=True)
+    agent = create_user(agent=True)
+    _seed_list(admin, agent, 50_000)
+
+    body, sql = _list_statements(client, admin, "")
+    assert (body["count"], body["count_exact"]) == (50_000, True)
+    counted = [q for q in sql if "support_ticket_count" in q]
+    assert (len(counted), len(sql)) == (1, 2), sql  # the counters, then the page
+
+    cases = {  # query: (count, most rows read)
+        "search=ZEBRA": (5, 100),
+        "status=open": (2500, 100),
+        "status=assigned": (50, 100),
+        "priority=normal&status=assigned": (50, 100),
+        # several statuses: the newest-first index, keeping the matching tickets (about 20
+        # divided by their share of all tickets), or the status index and a sort, whichever
+        # the statistics say is cheaper
+        "status=open&status=assigned": (2550, 1000),
+    }
+    # 47,500 tickets of the agent's: counted up to the limit, and no further
+    settings.SUPPORT_LIST_COUNT_LIMIT = 1000
+    cases[f"assigned_to={agent.pk}"] = (1000, 1100)  # 1001, and the open ones it passed
+    for query, (count, most) in cases.items():
+        body, sql = _list_statements(client, admin, query)
+        exact = not query.startswith("assigned_to")
+        assert (body["count"], body["count_exact"]) == (count, exact), query
+        assert len(body["results"]) == min(count, 20), query
+        for statement in sql:
+            if "support_ticket_count" in statement:
+                continue  # the counters: 32 rows, no ticket read
+            # rows kept and thrown away: a scan of every ticket cannot hide here
+            plan = _explain(statement)
+            assert _read_from_tickets(plan) <= most, (query, statement, plan)
+
+    # cursor pages in the middle of the list, with and without a filter
+    # (a common word, in a sixth of the tickets: the newest-first index, keeping the matches)
+    for query, most in (
+        ("cursor=", 21),
+        ("cursor=&status=open", 100),
+        ("cursor=&search=printer", 200),
+    ):
+        url = query
+        for _ in range(3):
+            body, _ = _list_statements(client, admin, url)
+            url = body["next"].split("?", 1)[1]
+        body, sql = _list_statements(client, admin, url)
+        assert len(body["results"]) == 20, query
+        [page] = [q for q in sql if "LIMIT 21" in q]
+        plan = _explain(page)
+        scans = [n for n in _nodes(plan) if n.get("Relation Name") == "support_ticket"]
+        assert not [n for n in scans if n["Node Type"] == "Seq Scan"], (query, plan)
+        if query == "cursor=":
+            assert [n.get("Index Name") for n in scans] == ["ticket_newest_idx"], plan
+            assert ("Index Cond" in scans[0], "Filter" in scans[0]) == (True, False), scans[0]
+        assert _read_from_tickets(plan) <= most, (query, page, plan)
+
+
 # --- Prepared queries: the ORM's SQL, compiled once -------------------------------------------
 @pytest.mark.smoke
 def test_a_prepared_query_answers_what_the_orm_answers():

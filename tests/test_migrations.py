@@ -1,13 +1,16 @@
-"""Migrations 0007/0008 carry the holder from the active assignments onto the tickets.
+"""Migrations, forwards and backwards, on a database as the older version left it.
 
-Run on a database as the older version left it: tickets in every status, with their
-assignment history (ended assignments, a reassignment), checked forwards and backwards.
+0007/0008 carry the holder from the active assignments onto the tickets: tickets in every
+status, with their assignment history (ended assignments, a reassignment). 0009 fills the
+ticket counters from the tickets; 0010 builds the search indexes.
 """
 
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
+
+from support.rules import STATUSES
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -104,3 +107,78 @@ def test_a_held_status_without_an_agent_stops_the_migration_with_the_ids(old_sch
     Ticket = old_schema.get_model("support", "Ticket")
     Ticket.objects.filter(pk=ids["closed"]).update(status="open")
     migrate(AFTER)
+
+
+# --- 0009: the ticket counters, 0010: the search indexes (PostgreSQL) -------------------------
+def _counter_sums() -> dict[str, int] | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('support_ticket_count') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return None
+        cursor.execute(
+            "SELECT sum(open), sum(assigned), sum(resolved), sum(closed) FROM support_ticket_count"
+        )
+        return dict(zip(STATUSES, map(int, cursor.fetchone()), strict=True))
+
+
+def _trigram_indexes() -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indexname, indexdef FROM pg_indexes"
+            " WHERE tablename = 'support_ticket' AND indexdef LIKE '%gin_trgm_ops%'"
+        )
+        return dict(cursor.fetchall())
+
+
+def test_the_counters_are_filled_from_the_tickets_and_dropped_going_back():
+    if connection.vendor != "postgresql":
+        pytest.fail("the counters are PostgreSQL's: run on PostgreSQL")
+    apps = migrate([("support", "0008_holder_rules")])
+    try:
+        assert _counter_sums() is None
+        User = apps.get_model("auth", "User")
+        Ticket = apps.get_model("support", "Ticket")
+        admin = User.objects.create(username="old-admin", is_staff=True)
+        alice = User.objects.create(username="old-alice")
+        now = timezone.now()
+        made = {"open": 3, "assigned": 2, "resolved": 1, "closed": 4}
+        for status, n in made.items():
+            agent = {} if status == "open" else {"assigned_to": alice, "assigned_at": now}
+            Ticket.objects.bulk_create(
+                Ticket(title=status, status=status, created_by=admin, **agent) for _ in range(n)
+            )
+        migrate([("support", "0009_ticket_counts")])
+        assert _counter_sums() == made  # the statuses of support.rules, each filled
+        # and kept from then on
+        Ticket.objects.filter(status="assigned").update(status="closed")
+        assert _counter_sums() == {**made, "assigned": 0, "closed": 6}
+        migrate([("support", "0008_holder_rules")])
+        assert _counter_sums() is None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_trigger"
+                " WHERE tgrelid = 'support_ticket'::regclass AND NOT tgisinternal"
+            )
+            assert cursor.fetchone()[0] == 0
+    finally:
+        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    assert _counter_sums() == {**made, "assigned": 0, "closed": 6}
+
+
+def test_the_search_indexes_are_on_the_expressions_icontains_compares():
+    if connection.vendor != "postgresql":
+        pytest.fail("the search indexes are PostgreSQL's: run on PostgreSQL")
+    expected = {
+        "ticket_title_trgm_idx": "(upper((title)::text) gin_trgm_ops)",
+        "ticket_description_trgm_idx": "(upper(description) gin_trgm_ops)",
+    }
+    indexes = _trigram_indexes()
+    assert set(indexes) == set(expected)
+    for name, expression in expected.items():
+        assert indexes[name].endswith(f"USING gin {expression}"), indexes[name]
+    try:
+        migrate([("support", "0009_ticket_counts")])
+        assert _trigram_indexes() == {}
+    finally:
+        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    assert _trigram_indexes() == indexes

@@ -143,6 +143,7 @@ def test_bodies_and_answers_have_their_shapes(schema):
     params = {p["name"] for p in listing["parameters"]}
     assert params == {
         "page",
+        "cursor",
         "page_size",
         "status",
         "priority",
@@ -150,6 +151,12 @@ def test_bodies_and_answers_have_their_shapes(schema):
         "search",
         "ordering",
     }
+    page = listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    page = schemas[page.rsplit("/", 1)[1]]
+    assert list(page["properties"]) == ["count", "count_exact", "next", "previous", "results"]
+    assert page["properties"]["count_exact"]["type"] == "boolean"
+    assert "400" in listing["responses"]
+    assert "cursor" in listing["description"]
 
 
 # --- The docs pages load nothing from outside the app -----------------------------------------

@@ -36,6 +36,7 @@ EXPECTED_CALLS = [
     ("GET", "/api/agents/", 200),
     ("POST", "/api/tickets/", 201),
     ("GET", "/api/tickets/", 200),
+    ("GET", "/api/tickets/", 200),
     ("PATCH", "/api/tickets/{id}/", 200),
     ("GET", "/api/tickets/{id}/history/", 200),
     ("DELETE", "/api/tickets/{id}/", 204),
@@ -166,6 +167,12 @@ def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
             a for a in answers if isinstance(a, dict) and a.get("title") == "VPN drops every hour"
         )
         assert (patched["status"], patched["assigned_to"]) == ("assigned", users["carol"])
+        # the search, by cursor, found it (its first page: nothing newer)
+        lists = [a for a in answers if isinstance(a, dict) and "count_exact" in a]
+        assert len(lists) == 2, report
+        found = lists[1]
+        assert [t["title"] for t in found["results"]] == ["VPN drops every hour"], report
+        assert (found["count"], found["next"], found["previous"]) == (1, None, None)
         history = next(a for a in answers if isinstance(a, list) and a and "kind" in a[0])
         assert [e["kind"] for e in history] == ["created", "assigned"]
         assert event_kinds(db, patched["id"]) == ["created", "assigned", "deleted"]

@@ -4,20 +4,20 @@ service, answer."""
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from support import services
+from support.api import pagination
 from support.api.auth import IsAdmin, IsAgent
 from support.api.filters import TicketFilter
 from support.api.schema import (
     ID_PATH,
+    LIST_DESCRIPTION,
     LIST_PARAMETERS,
     PAGINATED_TICKETS,
     answers,
     body_errors,
 )
 from support.api.serializers import (
-    MAX_TICKET_ID,
     AgentCreateSerializer,
     AgentSerializer,
     AgentUpdateSerializer,
@@ -30,56 +30,13 @@ from support.api.serializers import (
 from support.api.views import APIView
 from support.models import Ticket
 
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
-
-
-LAST_PAGE = "last"  # ?page=last, as DRF's page-number paginator reads it
-
-
-def _positive_int(raw: str | None, default: int, ceiling: int) -> int | None:
-    """A positive decimal integer, at most ``ceiling`` (any larger one, however many digits,
-    is served as ``ceiling``); None when it is not one."""
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()):
-        return None
-    digits = raw.lstrip("0")
-    if not digits:
-        return None
-    if len(digits) > len(str(ceiling)):  # never int() on thousands of digits
-        return ceiling
-    return min(int(digits), ceiling)
-
-
-def _page_params(request) -> tuple[int | None, int]:
-    """?page (from 1; ``last``: None) and ?page_size (default 20; larger than 100 is served as
-    100, as DRF's paginator clamps it)."""
-    size = _positive_int(request.query_params.get("page_size"), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    if size is None:
-        raise exceptions.ValidationError({"page_size": ["A positive integer is required."]})
-    raw_page = request.query_params.get("page")
-    if raw_page == LAST_PAGE:
-        return None, size
-    # past the largest id any page could reach: past the end, so 404 below
-    page = _positive_int(raw_page, 1, MAX_TICKET_ID + 1)
-    if page is None:
-        raise exceptions.NotFound("Invalid page.")
-    return page, size
-
-
-def _page_url(request, page: int) -> str:
-    url = request.build_absolute_uri()
-    if page == 1:
-        return remove_query_param(url, "page")
-    return replace_query_param(url, "page", page)
-
 
 class TicketListView(APIView):
     permission_classes = [IsAdmin]
 
     @extend_schema(
         operation_id="tickets_list",
+        description=LIST_DESCRIPTION,
         parameters=LIST_PARAMETERS,
         responses=answers({200: PAGINATED_TICKETS}, 401, 403, 404, field_errors=True),
     )
@@ -87,34 +44,26 @@ class TicketListView(APIView):
         return await self.in_thread(self._list, request)
 
     def _list(self, request):
-        page, size = _page_params(request)
-        filtered = any(name in TicketFilter.base_filters for name in request.query_params)
-        if filtered:
+        cursor = pagination.cursor_param(request)
+        page = pagination.page_number(request) if cursor is None else None
+        size = pagination.page_size(request)
+        if not any(name in TicketFilter.base_filters for name in request.query_params):
+            queryset = None  # no FilterSet to build: the counters' total, a prepared page
+            count, exact = services.list_count()
+        else:
             filterset = TicketFilter(request.query_params, queryset=Ticket.objects.all())
             if not filterset.is_valid():
                 raise exceptions.ValidationError(filterset.errors)
             queryset = filterset.qs
-            count = queryset.count()
-        else:  # no filter: no FilterSet to build; the page is a prepared statement
-            count = Ticket.objects.count()
-        last = max(1, -(-count // size))
-        if page is None:
-            page = last
-        elif page > last:
-            raise exceptions.NotFound("Invalid page.")
-        start = (page - 1) * size
-        if filtered:
-            rows = services.ticket_rows(queryset)[start : start + size]
+            count, exact = services.list_count(
+                queryset, statuses=filterset.statuses(), narrowed=filterset.narrowed()
+            )
+        if cursor is None:
+            links, rows = pagination.numbered_page(request, queryset, page, size, count, exact)
         else:
-            rows = services.newest_tickets(start, size)
-        return Response(
-            {
-                "count": count,
-                "next": _page_url(request, page + 1) if page < last else None,
-                "previous": _page_url(request, page - 1) if page > 1 else None,
-                "results": [ticket_json(row) for row in rows],
-            }
-        )
+            links, rows = pagination.cursor_page(request, queryset, cursor, size)
+        results = [ticket_json(row) for row in rows]
+        return Response({"count": count, "count_exact": exact, **links, "results": results})
 
     @extend_schema(
         operation_id="tickets_create",

@@ -61,6 +61,9 @@ PAGINATED_TICKETS = inline_serializer(
     "PaginatedTicketList",
     {
         "count": serializers.IntegerField(),
+        "count_exact": serializers.BooleanField(
+            help_text="False when `count` is the count limit and more tickets match."
+        ),
         "next": serializers.URLField(allow_null=True),
         "previous": serializers.URLField(allow_null=True),
         "results": TicketSerializer(many=True),
@@ -72,15 +75,43 @@ _ORDERING = [
     for field in TicketFilter.base_filters["ordering"].param_map
     for name in (field, f"-{field}")
 ]
+LIST_DESCRIPTION = (
+    "Newest first unless `ordering` says otherwise. `count` is exact without a filter and with "
+    "only `status`; with any other filter it counts at most SUPPORT_LIST_COUNT_LIMIT tickets "
+    "(default 10000), and `count_exact` is false when more match. Pages: `page` numbers, or "
+    "`cursor` (empty for the first page, then the `next` and `previous` links), which walks "
+    "the default order at the same cost on any page. 400 when: `page=last` with an inexact "
+    "count; `cursor` is not one the API gave, or comes with `page` or `ordering`; `search` "
+    "has no 3 letters or digits in a row; any other value is invalid."
+)
 LIST_PARAMETERS = [
-    OpenApiParameter("page", OpenApiTypes.INT, description="Page number, from 1."),
+    OpenApiParameter(
+        "page",
+        OpenApiTypes.INT,
+        description="Page number, from 1, or `last` (refused when the count is not exact).",
+    ),
+    OpenApiParameter(
+        "cursor",
+        str,
+        description=(
+            "Walk by position instead of page number: empty for the first page, then the "
+            "`next`/`previous` links. Not with `page` or `ordering`."
+        ),
+    ),
     OpenApiParameter(
         "page_size", OpenApiTypes.INT, description="Tickets per page (default 20, at most 100)."
     ),
     OpenApiParameter("status", str, enum=STATUS_NAMES, many=True, description="Repeatable."),
     OpenApiParameter("priority", str, enum=PRIORITY_NAMES, many=True, description="Repeatable."),
     OpenApiParameter("assigned_to", OpenApiTypes.INT, description="The holder's user id."),
-    OpenApiParameter("search", str, description="Case-insensitive, in title or description."),
+    OpenApiParameter(
+        "search",
+        str,
+        description=(
+            "Case-insensitive, in title or description; at least 3 letters or digits in a row "
+            "(the search index finds runs of 3 characters)."
+        ),
+    ),
     OpenApiParameter(
         "ordering",
         str,

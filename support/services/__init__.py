@@ -5,7 +5,8 @@ call it from their one worker-thread hop (``support.api.views``). What may happe
 is support.rules; how the services take their locks is support.services.locks.
 
 - ``errors``: the refusals, each one HTTP answer (support.api.errors maps them);
-- ``selectors``: reads (tickets as rows, what an agent holds, agents with their load);
+- ``selectors``: reads (tickets as rows, what an agent holds, agents with their load, the
+  admin list's counts and pages);
 - ``locks``: the lock contract and the helpers that take the locks;
 - ``records``: the one writer of a ticket's status and holder and of its history;
 - ``agent_work``: the agent's fetch (top-up), its moves, releases;
@@ -48,9 +49,13 @@ from support.services.selectors import (
     held_query,
     held_tickets,
     is_agent_expr,
+    keyset_page,
+    list_count,
     newest_tickets,
+    status_count,
     ticket_history,
     ticket_holder,
+    ticket_page,
     ticket_row,
     ticket_rows,
 )
@@ -81,11 +86,15 @@ __all__ = [
     "held_query",
     "held_tickets",
     "is_agent_expr",
+    "keyset_page",
+    "list_count",
     "newest_tickets",
+    "status_count",
     "ticket_create",
     "ticket_delete",
     "ticket_history",
     "ticket_holder",
+    "ticket_page",
     "ticket_row",
     "ticket_rows",
     "ticket_transition_by_agent",

@@ -57,12 +57,14 @@ def agent_deactivate(*, agent_id: int, actor_id: int) -> None:
     """Deactivate an agent and return every ticket it holds in status assigned to the pool.
 
     Locks the agent row, then its tickets. Resolved and closed tickets keep their agent as the
-    record of who worked them. The agent's tokens are deleted. Idempotent.
+    record of who worked them. The agent's tokens are deleted, before the tickets are released:
+    the ticket write, with its counter row, is the last lock (support.services.locks).
+    Idempotent.
     """
     with transaction.atomic():
         locked = lock_users([agent_id])
         if agent_id not in locked or not locked[agent_id].is_agent:
             raise NotFound(NO_AGENT)
         User.objects.filter(pk=agent_id).update(is_active=False)
-        release_assigned(agent_id, actor_id)
         ApiToken.objects.filter(user_id=agent_id).delete()
+        release_assigned(agent_id, actor_id)

@@ -15,6 +15,18 @@ runs alone, and the row locks below are no-ops):
 - A decision is made only on values read after the locks are held.
 - An agent's poll at the cap takes no lock: it changes nothing, and only a change (which
   locks) can take the agent past the cap.
+- The ticket counters (migration 0009) are the last lock. A ticket write that moves tickets
+  between statuses adds to its session's counter row (``pg_backend_pid() % 32``) in the
+  statement's own trigger: the lock is taken by the write itself, after every lock above, and
+  held to the commit. A session has one row, so a transaction locks at most one: no deadlock
+  among counters. Nothing waits for another lock after it: in every service the ticket write
+  is the last statement that can wait (an agent's tokens are deleted before its tickets are
+  released; the events and assignments written after it are new rows). At the commit the
+  foreign-key checks (deferred, as Django makes them) take FOR KEY SHARE on the users and
+  tickets those rows name: the agents and tickets the transaction has locked already (no
+  wait), and the acting admin's row, which waits only while another transaction deletes that
+  user or changes its username (the admin site's user page, which saves the user before its
+  service call writes tickets).
 """
 
 import time
