@@ -761,7 +761,12 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", type=ints, default=[16, 64])
     parser.add_argument("--sweep", type=ints, default=None, help="default 1,4,16,64,256")
     parser.add_argument("--scale", type=ints, default=None, help="default 200000,1000000")
-    parser.add_argument("--scenarios", type=lambda t: t.split(","), default=list(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=list(SCENARIOS),
+        help=f"of {','.join(SCENARIOS)} (the floors always run: --floors; 'floor' adds nothing)",
+    )
     parser.add_argument(
         "--floors",
         type=lambda t: [x for x in t.split(",") if x],
@@ -798,6 +803,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if unknown := set(args.floors) - set(FLOORS):
         parser.error(f"unknown floors: {', '.join(sorted(unknown))}")
+    if unknown := set(args.scenarios) - set(SCENARIOS) - {"floor"}:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    args.scenarios = [s for s in args.scenarios if s in SCENARIOS]
     if args.quick:
         args.duration, args.warmup = 2, 0
     if args.sweep is None:
