@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TARGETS = {"poll": 0.25, "churn": 0.25, "admin-list": 0.30, "admin-create": 0.25}
 SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+FLOORS = {  # scenario: what serves it (bench/floors.py)
+    "floor": "service (`/bench/floor/`, the whole stack)",
+    "floor-django": "Django, default handler",
+    "floor-django-pooled": "Django, pooled handler (`project.handler`)",
+    "floor-asgi": "bare ASGI app",
+}
+LISTS = ("admin-list", "admin-list-open", "admin-search")
 
 
 def write(data: dict, json_path: Path) -> None:
@@ -33,13 +40,33 @@ def _find(results, scenario, target, concurrency, first_tickets=True):
     return rows[0] if rows and first_tickets else (rows if rows else None)
 
 
+def _default(results: list[dict]) -> list[dict]:
+    """The runs on the default interpreter (all of them in runs before --python existed)."""
+    return [r for r in results if r.get("interpreter", "default") == "default"]
+
+
+def _threads(r: dict) -> str:
+    """The peak thread count of each worker, e.g. '12 / 11'."""
+    return " / ".join(str(n) for n in r.get("threads_peak") or []) or "-"
+
+
+def _build(info: dict) -> str:
+    if info["pgo"] is None:
+        return "PGO+LTO (Debian's build)"
+    return " + ".join(name for name in ("PGO", "LTO") if info[name.lower()]) or "neither"
+
+
 def tables(data: dict, png_name: str) -> str:
-    results = data["results"]
+    everything = data["results"]
+    results = _default(everything)
     s = data["settings"]
     m = data["machine"]
+    python = f"Python {m['python']}"
+    if info := data.get("interpreters", {}).get("default"):
+        python += f" (`{info['base_executable']}`, optimized build: {_build(info)})"
     out = [
         f"Run of {data['date']} at commit `{data['commit']}` on {m['cores']} cores "
-        f"({m['cpu']}), Python {m['python']}, PostgreSQL {s['postgresql']} "
+        f"({m['cpu']}), {python}, PostgreSQL {s['postgresql']} "
         f"({s['postgresql_settings']}). Service: {s['workers']} uvicorn workers, pool of "
         f"{s['pool_size_per_worker']} connections per worker, LOG_LEVEL={s['log_level']}. "
         f"{s['duration_s']:g} s per measured run after {s['warmup_s']:g} s of warm-up; "
@@ -50,8 +77,8 @@ def tables(data: dict, png_name: str) -> str:
         "",
         "| scenario | conn | service req/s | p50 / p90 / p99 ms | non-2xx | limit req/s | "
         "limit p99 ms | own SQL req/s | ÷ limit (target) | ÷ own SQL | p99 ÷ limit p99 | "
-        "PG sessions | app CPU ms/req |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "PG sessions | app CPU ms/req | threads / worker (peak) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     concurrencies = sorted({r["concurrency"] for r in results if r["target"] == "own-sql"})
     for scenario in SCENARIOS:
@@ -71,22 +98,11 @@ def tables(data: dict, png_name: str) -> str:
                 f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | {own['rps']:,.0f} | "
                 f"{ratio:.2f} (≥ {TARGETS[scenario]:.2f}) {met} | "
                 f"{svc['rps'] / own['rps']:.2f} | {p99:.1f} {p99_met} | "
-                f"{svc['pg_sessions_peak']} | {svc['app_cpu_ms_per_request']:.2f} |"
+                f"{svc['pg_sessions_peak']} | {svc['app_cpu_ms_per_request']:.2f} | "
+                f"{_threads(svc)} |"
             )
-    floors = [r for r in results if r["target"] == "floor"]
-    if floors:
-        out += [
-            "",
-            "### The framework floor (`/bench/floor/`: no database)",
-            "",
-            "| conn | req/s | p50 / p99 ms | app CPU ms/req |",
-            "|---:|---:|---|---:|",
-        ]
-        for r in floors:
-            out.append(
-                f"| {r['concurrency']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} / "
-                f"{r['p99_ms']:.1f} | {r['app_cpu_ms_per_request']:.2f} |"
-            )
+    out += _floor_tables(everything)
+    out += _interpreter_tables(data)
     sweep = [
         r
         for r in results
@@ -102,8 +118,8 @@ def tables(data: dict, png_name: str) -> str:
             f"![requests/s and p99 against concurrency]({png_name})",
             "",
             "| scenario | conn | service req/s | service p99 ms | limit req/s | limit p99 ms "
-            "| ÷ limit | PG sessions (service) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| ÷ limit | PG sessions (service) | threads / worker (peak) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for scenario in ("poll", "churn"):
             for c in sorted({r["concurrency"] for r in sweep}):
@@ -113,7 +129,8 @@ def tables(data: dict, png_name: str) -> str:
                     out.append(
                         f"| {scenario} | {c} | {svc['rps']:,.0f} | {svc['p99_ms']:.1f} | "
                         f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | "
-                        f"{svc['rps'] / lim['rps']:.2f} | {svc['pg_sessions_peak']} |"
+                        f"{svc['rps'] / lim['rps']:.2f} | {svc['pg_sessions_peak']} | "
+                        f"{_threads(svc)} |"
                     )
     for scenario, prof in data.get("profiles", {}).items():
         out += [
@@ -140,7 +157,163 @@ def tables(data: dict, png_name: str) -> str:
             "|---|---:|---:|---:|---|---|---:|",
         ]
         out += scale
+    out += _list_tables(data)
     return "\n".join(out)
+
+
+def _floor_tables(results: list[dict]) -> list[str]:
+    """Each floor at each concurrency and interpreter, and the ratios the targets use."""
+    floors = [r for r in results if r["scenario"] in FLOORS]
+    if not floors:
+        return []
+    out = [
+        "",
+        "### The floors: a request that does nothing (no database)",
+        "",
+        'Each answers `GET /bench/floor/` with `{"ok": true}` under uvicorn as the service is '
+        "served (same workers, lifespan off, no uvicorn access log); `bench/floors.py`.",
+        "",
+        "| floor | interpreter | conn | req/s | p50 / p90 / p99 ms | app CPU ms/req "
+        "| threads / worker (peak) |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    interpreters = list(dict.fromkeys(r.get("interpreter", "default") for r in floors))
+    concurrencies = sorted({r["concurrency"] for r in floors})
+    for python in interpreters:
+        for c in concurrencies:
+            for scenario, label in FLOORS.items():
+                r = _run(floors, scenario, c, python)
+                if r:
+                    out.append(
+                        f"| {label} | {python} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.1f} / "
+                        f"{r['p90_ms']:.1f} / {r['p99_ms']:.1f} | "
+                        f"{r['app_cpu_ms_per_request']:.2f} | {_threads(r)} |"
+                    )
+    out += [
+        "",
+        "| interpreter | conn | service floor ÷ Django floor (req/s) | its app CPU ÷ | "
+        "Django pooled ÷ default handler (req/s) | its app CPU ÷ |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for python in interpreters:
+        for c in concurrencies:
+            django = _run(floors, "floor-django", c, python)
+            cells = [
+                _ratio(_run(floors, "floor", c, python), django),
+                _ratio(_run(floors, "floor-django-pooled", c, python), django),
+            ]
+            out.append(f"| {python} | {c} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _run(rows, scenario, c, python="default", target=None):
+    """The first run of ``scenario`` at ``c`` connections on ``python``."""
+    for r in rows:
+        if (
+            r["scenario"] == scenario
+            and r["concurrency"] == c
+            and r.get("interpreter", "default") == python
+            and (target is None or r["target"] == target)
+        ):
+            return r
+    return None
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    """'a ÷ b' of requests/s, and of app CPU per request, as two cells."""
+    if not (a and b and b["rps"]):
+        return "- | -"
+    cpu = "-"
+    if a["app_cpu_ms_per_request"] and b["app_cpu_ms_per_request"]:
+        cpu = f"{a['app_cpu_ms_per_request'] / b['app_cpu_ms_per_request']:.2f}"
+    return f"{a['rps'] / b['rps']:.2f} | {cpu}"
+
+
+def _interpreter_tables(data: dict) -> list[str]:
+    interpreters = data.get("interpreters") or {}
+    if not interpreters:
+        return []
+    out = [
+        "",
+        "### The interpreter",
+        "",
+        "| run | interpreter | version | optimized build | how it is known | "
+        "pure-Python loop ms (best of 5) |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for label, info in interpreters.items():
+        out.append(
+            f"| {label} | `{info['base_executable']}` | {info['version']} | {_build(info)} | "
+            f"{info['build']} | {info['loop_ms']:.1f} |"
+        )
+    results = data["results"]
+    for label in interpreters:
+        if label == "default":
+            continue
+        out += [
+            "",
+            f"On `{label}` (a venv of its own from `requirements/dev.txt`), the same runs "
+            "without the ceilings, beside the default interpreter's:",
+            "",
+            "| scenario | conn | default req/s | this req/s | ÷ default | app CPU ms/req "
+            "(default / this) | p99 ms (default / this) | threads / worker (this) |",
+            "|---|---:|---:|---:|---:|---|---|---:|",
+        ]
+        for r in results:
+            if r.get("interpreter") != label:
+                continue
+            base = _run(results, r["scenario"], r["concurrency"], "default", r["target"])
+            if not base:
+                continue
+            out.append(
+                f"| {r['scenario']} | {r['concurrency']} | {base['rps']:,.0f} | "
+                f"{r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
+                f"{base['app_cpu_ms_per_request']:.2f} / {r['app_cpu_ms_per_request']:.2f} | "
+                f"{base['p99_ms']:.1f} / {r['p99_ms']:.1f} | {_threads(r)} |"
+            )
+    return out
+
+
+def _list_tables(data: dict) -> list[str]:
+    """The admin lists at each history size (--scale), against their figure at the seeded
+    size measured just before the history grew."""
+    results = [
+        r for r in _default(data["results"]) if r["scenario"] in LISTS and r["target"] == "service"
+    ]
+    if not any(r.get("grown_to") for r in results):
+        return []
+    search = data["search"]
+    matches = ", ".join(
+        f"{m['matching']:,} of {m['tickets']:,} ({m['matching'] / m['tickets']:.2%})"
+        for m in search["matches"]
+    )
+    out = [
+        "",
+        "### Lists at scale: the admin lists as history grows",
+        "",
+        f"`admin-list`: `GET /api/tickets/?page_size=20`; `admin-list-open`: `?status=open`; "
+        f"`admin-search`: `?search={search['term']}` (an error code in the seeded "
+        f"descriptions), which matched {matches} tickets.",
+        "",
+        "| scenario | conn | tickets in the table | req/s | p50 / p99 ms | app CPU ms/req | "
+        "÷ its figure at the seeded size |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for scenario in LISTS:
+        for c in sorted({r["concurrency"] for r in results}):
+            runs = [r for r in results if r["scenario"] == scenario and r["concurrency"] == c]
+            seeded = [r for r in runs if not r.get("grown_to")]
+            grown = [r for r in runs if r.get("grown_to")]
+            if not (seeded and grown):
+                continue
+            base = seeded[-1]  # the one measured right before the history grew
+            for r in [base, *grown]:
+                out.append(
+                    f"| {scenario} | {c} | {r['tickets']:,} | {r['rps']:,.0f} | "
+                    f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+                    f"{r['app_cpu_ms_per_request']:.2f} | {r['rps'] / base['rps']:.2f} |"
+                )
+    return out
 
 
 def _first(rows, scenario, target, c):
@@ -204,7 +377,7 @@ def plot(data: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in data["results"] if _bucket(r["tickets"]) == 0]
+    results = [r for r in _default(data["results"]) if _bucket(r["tickets"]) == 0]
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {
         ("poll", "service"): ("tab:blue", "-"),

@@ -1,8 +1,9 @@
 """The benchmark: the service against PostgreSQL's own ceiling for the same work (bench/README.md).
 
 One process drives everything: a throwaway PostgreSQL with default settings, the schema, bulk
-seeding, the service under uvicorn, wrk for HTTP load, pgbench for the two SQL ceilings, the
-samplers (database sessions, CPU), and the report (JSON, markdown, PNG).
+seeding, the service under uvicorn, the floors under it (bench/floors.py), wrk for HTTP load,
+pgbench for the two SQL ceilings, the samplers (database sessions, CPU, the workers' threads),
+the service again on another interpreter (``--python``), and the report (JSON, markdown, PNG).
 """
 
 import argparse
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import floors, interpreter  # noqa: E402
 from tests.pg_cluster import Cluster, _find_bin, start_cluster  # noqa: E402
 from tests.servers import Server, children, run_uvicorn  # noqa: E402
 
@@ -30,13 +33,52 @@ BENCH = ROOT / "bench"
 DB = "bench"
 APP_NAME = "support-tickets"
 SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+# The floors (bench/floors.py) and their scenario names; "service" is /bench/floor/ on the
+# service itself.
+FLOORS = {
+    "service": "floor",
+    "django": "floor-django",
+    "django-pooled": "floor-django-pooled",
+    "asgi": "floor-asgi",
+}
+# The admin lists measured as history grows, each with its query string (admin_list.lua).
+SEARCH_TERM = "E217"  # one error code of 250 in the seeded descriptions: 0.4 % of tickets
+LISTS = {
+    "admin-list": "page_size=20",
+    "admin-list-open": "status=open&page_size=20",
+    "admin-search": f"search={SEARCH_TERM}&page_size=20",
+}
 LUA = {
     "poll": "poll",
     "churn": "churn",
     "admin-list": "admin_list",
+    "admin-list-open": "admin_list",
+    "admin-search": "admin_list",
     "admin-create": "admin_create",
-    "floor": "floor",
+    **{scenario: "floor" for scenario in FLOORS.values()},
 }
+# Seeded tickets' text: a few words from a fixed vocabulary, chosen by the row's number, so
+# that titles and descriptions vary and a search can be selective (see _ticket_text).
+SUBJECTS = [
+    "Printer", "Laptop", "Email", "VPN", "Invoice", "Password", "Monitor", "Calendar",
+    "Backup", "Phone", "Badge", "Keyboard", "Website", "License", "Scanner", "Headset",
+]  # fmt: skip
+PROBLEMS = [
+    "will not start", "is very slow", "shows an error", "stopped syncing",
+    "keeps disconnecting", "cannot be opened", "was charged twice", "needs a reset",
+    "is missing", "fails after the update", "looks broken", "asks for access again",
+    "freezes at login",
+]  # fmt: skip
+PLACES = [
+    "Berlin", "Lisbon", "Oslo", "Madrid", "Dublin", "Vienna", "Prague", "Warsaw", "Milan",
+    "Lyon", "Porto",
+]  # fmt: skip
+WHEN = [
+    "since Monday", "for the whole team", "after a restart", "only in the morning",
+    "when working from home", "since the last update", "twice this week",
+]  # fmt: skip
+ERROR_CODES = 250  # E100 .. E349, evenly: each one in 1 ticket of 250
+VOCABULARY = {"subjects": SUBJECTS, "problems": PROBLEMS, "places": PLACES, "when": WHEN}
 # PostgreSQL as installed, but for what a benchmark on one machine needs: room for 256 pgbench
 # clients, and a port and socket of its own.
 PG_SETTINGS = {"max_connections": "300"}
@@ -57,6 +99,9 @@ class Result:
     pg_sessions_peak: int
     app_cpu_ms_per_request: float | None
     cpu_busy: float  # the machine's CPU use during the run, 0..1
+    interpreter: str = "default"  # or the --python path the service ran on
+    threads_peak: list[int] | None = None  # the most threads seen in each uvicorn worker
+    grown_to: int = 0  # the history's size (--scale) when measured; 0: the seeded table
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -126,14 +171,31 @@ def refill_pool(db: Database, users: dict, open_target: int) -> None:
         " DELETE FROM support_ticketevent WHERE ticket_id IN (SELECT id FROM surplus)",
         (open_target,),
     )
+    # the f-string below adds SQL made of constants (_ticket_text); the values are parameters
     db.execute(
-        "INSERT INTO support_ticket (title, description, status, priority, created_at,"
+        "INSERT INTO support_ticket (title, description, status, priority, created_at,"  # noqa: S608
         " updated_at, created_by_id)"
-        " SELECT format('Seeded ticket %%s', g), 'Customer cannot log in after the update.',"
-        " 'open', (g * 7) %% 4, now() - (g || ' seconds')::interval, now(), %s"
-        " FROM generate_series(1, greatest(0, %s - (SELECT count(*) FROM support_ticket"
+        f" SELECT {_ticket_text('g')},"
+        " 'open', (g * 7) %% 4, now() - (g || ' seconds')::interval, now(), %(admin)s"
+        " FROM generate_series(1, greatest(0, %(target)s - (SELECT count(*) FROM support_ticket"
         " WHERE status = 'open'))) g",
-        (users["admin"], open_target),
+        {"admin": users["admin"], "target": open_target, **VOCABULARY},
+    )
+
+
+def _ticket_text(g: str) -> str:
+    """SQL for a seeded ticket's title and description from the row number ``g``: e.g.
+    'VPN keeps disconnecting' and 'Reported from the Oslo office since Monday. Error code
+    E217.' Each error code is in one ticket of 250 (37 is prime to 250), the title's subject
+    and problem cycle through their 208 pairs. Needs the VOCABULARY parameters."""
+
+    def pick(name: str, index: str) -> str:
+        return f"(%({name})s::text[])[1 + ({index}) %% {len(VOCABULARY[name])}]"
+
+    return (
+        f"{pick('subjects', g)} || ' ' || {pick('problems', f'{g} / {len(SUBJECTS)}')},"
+        f" format('Reported from the %%s office %%s. Error code E%%s.', {pick('places', g)},"
+        f" {pick('when', f'{g} / 3')}, 100 + ({g} * 37) %% {ERROR_CODES})"
     )
 
 
@@ -148,17 +210,23 @@ def grow_history(db: Database, users: dict, total: int, history_agents: int) -> 
     with db.connect() as conn:
         conn.execute("SET maintenance_work_mem = '256MB'")
         conn.execute(
-            "CREATE TEMP TABLE new_closed AS"
+            "CREATE TEMP TABLE new_closed AS"  # noqa: S608 (constants only, as in refill_pool)
             " WITH t AS (INSERT INTO support_ticket (title, description, status, priority,"
             "  created_at, updated_at, created_by_id, assigned_to_id, assigned_at)"
-            "  SELECT format('Old ticket %%s', g), 'Solved long ago.', 'closed', g %% 4,"
-            "   created, now() - interval '300 days', %s, %s + (g %% %s)::int,"
-            "   created + interval '1 hour'"
+            f"  SELECT {_ticket_text('g')}, 'closed', g %% 4,"
+            "   created, now() - interval '300 days', %(admin)s,"
+            "   %(first_agent)s + (g %% %(agents)s)::int, created + interval '1 hour'"
             "  FROM (SELECT g, now() - interval '400 days' + (g || ' seconds')::interval"
-            "   AS created FROM generate_series(1, %s) g) s"
+            "   AS created FROM generate_series(1, %(missing)s) g) s"
             "  RETURNING id, created_at, assigned_to_id, assigned_at)"
             " SELECT id, created_at, assigned_to_id AS agent, assigned_at FROM t",
-            (users["admin"], users["first_agent"], history_agents, missing),
+            {
+                "admin": users["admin"],
+                "first_agent": users["first_agent"],
+                "agents": history_agents,
+                "missing": missing,
+                **VOCABULARY,
+            },
         )
         conn.execute(
             "INSERT INTO support_ticketassignment (ticket_id, agent_id, assigned_at, is_active)"
@@ -195,17 +263,21 @@ def token(uid: int) -> str:
 
 # --- Measuring ------------------------------------------------------------------------------
 class Sampler:
-    """Peak client sessions on the benchmark database, and the machine's CPU use."""
+    """Peak client sessions on the benchmark database, the most threads in each of
+    ``workers`` (processes), and the machine's CPU use."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, workers: list[int] = ()):
         self.db = db
         self.peak = 0
+        self.threads = dict.fromkeys(workers, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         with self.db.connect() as conn:
             while not self._stop.wait(0.05):
+                for pid, peak in self.threads.items():
+                    self.threads[pid] = max(peak, thread_count(pid))
                 count = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
                     " AND backend_type = 'client backend' AND application_name <> 'bench'",
@@ -224,6 +296,18 @@ class Sampler:
         self._thread.join()
         busy, total = (a - b for a, b in zip(cpu_times(), self._cpu, strict=True))
         self.cpu_busy = busy / total if total else 0.0
+
+
+def thread_count(pid: int) -> int:
+    """The process's threads now (``Threads:`` in /proc/PID/status); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def cpu_times() -> tuple[int, int]:
@@ -248,6 +332,8 @@ def process_cpu(pids: list[int]) -> float:
 
 
 def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: dict) -> dict:
+    if scenario in LISTS:
+        env = {**env, "BENCH_QUERY": LISTS[scenario]}
     command = [
         "wrk",
         "-t",
@@ -364,8 +450,11 @@ class Bench:
         self.args = args
         self.results: list[Result] = []
         self.profiles: dict[str, dict] = {}
+        self.interpreters: dict[str, dict] = {}
+        self.search_matches: list[dict] = []
+        self.grown_to = 0
 
-    def measure(self, scenario, target, concurrency, runner, server) -> Result:
+    def measure(self, scenario, target, concurrency, runner, server, python="default") -> Result:
         db, users = self.db, self.users
         refill_pool(db, users, self.args.open_tickets)
         if scenario == "churn" or scenario == "poll":
@@ -375,9 +464,11 @@ class Bench:
         db.execute("VACUUM ANALYZE support_ticket, support_ticketassignment")
         tickets = db.scalar("SELECT count(*) FROM support_ticket")
         # the uvicorn processes: the supervisor and all it started
-        app = [server.pid, *children(server.pid)] if target in ("service", "floor") else None
+        served = target in ("service", "floor")
+        app = [server.pid, *children(server.pid)] if served else None
+        workers = (server.worker_pids() or [server.pid]) if served else []
         before = process_cpu(app) if app else None
-        with Sampler(db) as sampler:
+        with Sampler(db, workers) as sampler:
             figures = runner()
         app_cpu = None
         if app and figures["requests"]:
@@ -390,18 +481,23 @@ class Bench:
             pg_sessions_peak=sampler.peak,
             app_cpu_ms_per_request=app_cpu,
             cpu_busy=sampler.cpu_busy,
+            interpreter=python,
+            threads_peak=[sampler.threads[pid] for pid in workers] or None,
+            grown_to=self.grown_to,
             **figures,
         )
         self.results.append(result)
         log(
-            f"{scenario:12} {target:8} c={concurrency:<3} tickets={tickets:<8}"
+            f"{scenario:19} {target:7} c={concurrency:<3} tickets={tickets:<8}"
             f" {result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:7.2f} ms"
             f"  non-2xx {result.non2xx}  pg sessions {result.pg_sessions_peak}"
             + (f"  app cpu {app_cpu:.2f} ms/req" if app_cpu is not None else "")
+            + (f"  threads {result.threads_peak}" if result.threads_peak else "")
+            + (f"  [{python}]" if python != "default" else "")
         )
         return result
 
-    def service(self, server, scenario, concurrency):
+    def service(self, server, scenario, concurrency, python="default"):
         env = {
             "BENCH_FIRST_AGENT": str(self.users["first_agent"]),
             "BENCH_ADMIN_ID": str(self.users["admin"]),
@@ -410,11 +506,61 @@ class Bench:
             wrk(server, scenario, concurrency, self.args.warmup, env)
         return self.measure(
             scenario,
-            "service" if scenario != "floor" else "floor",
+            "floor" if scenario in FLOORS.values() else "service",
             concurrency,
             lambda: wrk(server, scenario, concurrency, self.args.duration, env),
             server,
+            python,
         )
+
+    def floors(self, service: Server, python: str, label: str) -> None:
+        """Every floor at each concurrency, on ``python``: the service's own /bench/floor/
+        (``service`` serves it), then the bare Django project (default and pooled handler) and
+        the bare ASGI app, each under uvicorn as the service is; all started at once so that
+        the runs of one concurrency follow each other."""
+        with ExitStack() as stack:
+            servers = {"service": service}
+            for name in self.args.floors:
+                if name != "service":
+                    servers[name] = stack.enter_context(
+                        floors.serve(
+                            name,
+                            workers=self.args.workers,
+                            python=python,
+                            # the service's default: as many request threads as connections
+                            env={"SUPPORT_REQUEST_THREADS": str(self.args.pool_size)},
+                        )
+                    )
+            for concurrency in self.args.concurrency:
+                for name in self.args.floors:
+                    self.service(servers[name], FLOORS[name], concurrency, label)
+
+    def other_interpreter(self, label: str, python: str, env: dict) -> None:
+        """The headline runs (floors, then each scenario at each concurrency; no ceilings,
+        sweep or scale) on another interpreter, against the same database."""
+        with run_uvicorn(workers=self.args.workers, env=env, python=python) as server:
+            top_up_agents(server, self.users, self.args.agents)  # warms each worker up too
+            self.floors(server, python, label)
+            for scenario in self.args.scenarios:
+                for concurrency in self.args.concurrency:
+                    self.service(server, scenario, concurrency, label)
+
+    def lists(self, server: Server) -> None:
+        """The admin lists on the table as it is now (lists at scale)."""
+        refill_pool(self.db, self.users, self.args.open_tickets)  # the table as measured
+        matching = self.db.scalar(
+            "SELECT count(*) FROM support_ticket"
+            " WHERE title ILIKE %(t)s OR description ILIKE %(t)s",
+            {"t": f"%{SEARCH_TERM}%"},
+        )
+        tickets = self.db.scalar("SELECT count(*) FROM support_ticket")
+        self.search_matches.append(
+            {"grown_to": self.grown_to, "tickets": tickets, "matching": matching}
+        )
+        log(f"search {SEARCH_TERM!r} matches {matching} of {tickets} tickets")
+        for scenario in LISTS:
+            for concurrency in self.args.list_concurrency:
+                self.service(server, scenario, concurrency)
 
     def ceiling(self, server, scenario, concurrency, target):
         script = self.limit[scenario] if target == "limit" else self.own[scenario]
@@ -460,6 +606,20 @@ class Bench:
     def main(self) -> None:
         args = self.args
         started = time.monotonic()
+        if "django-pooled" in args.floors and (missing := floors.pooled_handler_missing()):
+            raise SystemExit(
+                f"the pooled Django floor cannot run: {missing} (--floors without"
+                " django-pooled runs the others)"
+            )
+        # before anything long: the interpreters, and a venv for each other one
+        self.interpreters["default"] = interpreter.describe(sys.executable)
+        others = {}
+        for python in args.python:
+            others[python] = interpreter.ensure_venv(python, log=log)
+            self.interpreters[python] = interpreter.describe(others[python])
+        for label, info in self.interpreters.items():
+            where = f"{info['base_executable']} {info['version']}"
+            log(f"interpreter {label}: {where}, {info['build']}")
         cluster = start_cluster(PG_SETTINGS)
         env = {
             **os.environ,
@@ -490,8 +650,7 @@ class Bench:
 
         with run_uvicorn(workers=args.workers, env=env) as server:
             top_up_agents(server, self.users, agents)
-            for concurrency in args.concurrency:
-                self.service(server, "floor", concurrency)
+            self.floors(server, sys.executable, "default")
             for scenario in args.scenarios:
                 for concurrency in args.concurrency:
                     self.service(server, scenario, concurrency)
@@ -511,12 +670,21 @@ class Bench:
                         self.profile(server, scenario, 16, args.profile)
                     except Exception as exc:  # a profile is a note, not a measurement
                         log(f"profiling {scenario} failed: {exc!r}")
-            for total in args.scale:
-                grow_history(self.db, self.users, total, args.agents)
-                for scenario in ("poll", "churn"):
-                    for concurrency in args.concurrency:
-                        self.service(server, scenario, concurrency)
-                        self.ceiling(server, scenario, concurrency, "limit")
+        # one server at a time: an idle one would count in the next one's PG sessions
+        for label, python in others.items():
+            self.other_interpreter(label, python, env)
+        if args.scale:
+            with run_uvicorn(workers=args.workers, env=env) as server:
+                top_up_agents(server, self.users, agents)
+                self.lists(server)  # the lists' figures at the seeded size, to compare with
+                for total in args.scale:
+                    grow_history(self.db, self.users, total, args.agents)
+                    self.grown_to = total
+                    for scenario in ("poll", "churn"):
+                        for concurrency in args.concurrency:
+                            self.service(server, scenario, concurrency)
+                            self.ceiling(server, scenario, concurrency, "limit")
+                    self.lists(server)
         self.elapsed = time.monotonic() - started
         cluster.stop()
 
@@ -536,8 +704,12 @@ class Bench:
                 "postgresql": self.pg_version,
                 "postgresql_settings": "defaults, max_connections=300",
                 "log_level": self.args.log_level,
+                "floors": self.args.floors,
+                "list_concurrency": self.args.list_concurrency,
             },
             "elapsed_s": round(self.elapsed),
+            "interpreters": self.interpreters,
+            "search": {"term": SEARCH_TERM, "matches": self.search_matches},
             "results": [asdict(r) for r in self.results],
             "profiles": self.profiles,
         }
@@ -587,9 +759,34 @@ def parse_args(argv=None):
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--open-tickets", type=int, default=20_000)
     parser.add_argument("--concurrency", type=ints, default=[16, 64])
-    parser.add_argument("--sweep", type=ints, default=[1, 4, 16, 64, 256])
-    parser.add_argument("--scale", type=ints, default=[200_000, 1_000_000])
-    parser.add_argument("--scenarios", type=lambda t: t.split(","), default=list(SCENARIOS))
+    parser.add_argument("--sweep", type=ints, default=None, help="default 1,4,16,64,256")
+    parser.add_argument("--scale", type=ints, default=None, help="default 200000,1000000")
+    parser.add_argument(
+        "--scenarios",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=list(SCENARIOS),
+        help=f"of {','.join(SCENARIOS)} (the floors always run: --floors; 'floor' adds nothing)",
+    )
+    parser.add_argument(
+        "--floors",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=list(FLOORS),
+        help=f"which floors to measure, of {','.join(FLOORS)}",
+    )
+    parser.add_argument(
+        "--list-concurrency",
+        type=ints,
+        default=[16],
+        help="connections for the admin lists as history grows (--scale)",
+    )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also run the floors and the scenarios (no ceilings, sweep or scale) with the "
+        "service on this interpreter, in a venv of its own (.venv-bench-*); repeatable",
+    )
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL")
     parser.add_argument(
         "--profile",
@@ -601,11 +798,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 2 s per run, no warm-up, no sweep, no scale",
+        help="a smoke run: 2 s per run, no warm-up, no sweep, no scale (unless given)",
     )
     args = parser.parse_args(argv)
+    if unknown := set(args.floors) - set(FLOORS):
+        parser.error(f"unknown floors: {', '.join(sorted(unknown))}")
+    if unknown := set(args.scenarios) - set(SCENARIOS) - {"floor"}:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    args.scenarios = [s for s in args.scenarios if s in SCENARIOS]
     if args.quick:
-        args.duration, args.warmup, args.sweep, args.scale = 2, 0, [], []
+        args.duration, args.warmup = 2, 0
+    if args.sweep is None:
+        args.sweep = [] if args.quick else [1, 4, 16, 64, 256]
+    if args.scale is None:
+        args.scale = [] if args.quick else [200_000, 1_000_000]
     if args.profile is None:
         args.profile = 0 if args.quick else 10
     return args

@@ -220,10 +220,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
 
 
 @contextmanager
-def run_uvicorn(*, workers: int = 2, env: dict[str, str | None] | None = None) -> Iterator[Server]:
+def run_uvicorn(
+    *,
+    workers: int = 2,
+    env: dict[str, str | None] | None = None,
+    python: str = sys.executable,
+) -> Iterator[Server]:
     """Serve the app with ``workers`` uvicorn workers on a free loopback port; ``env`` adds to
     (or overrides) the server's environment, a ``None`` value removes that variable; without
-    ``DATABASE_URL`` in it, the server uses the test session's database. Yields a
+    ``DATABASE_URL`` in it, the server uses the test session's database. ``python`` is the
+    interpreter (the benchmark runs the service on another one too). Yields a
     :class:`Server` once /healthz answers."""
     port = free_port()
     server_env = {
@@ -246,7 +252,7 @@ def run_uvicorn(*, workers: int = 2, env: dict[str, str | None] | None = None) -
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "project.serve",  # the README's entry point; the test database is migrated
                 "--no-migrate",

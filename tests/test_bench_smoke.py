@@ -1,14 +1,18 @@
 """The benchmark's command still works: a few seconds per scenario against its own throwaway
-PostgreSQL, every figure present, no failed request, sessions bounded. Figures are not judged
-here (the benchmark is for that: docs/benchmarks.md)."""
+PostgreSQL, every figure present, no failed request, sessions bounded; the floors, the
+interpreter and the lists as history grows (a small history) are in the JSON and the report.
+Figures are not judged here (the benchmark is for that: docs/benchmarks.md)."""
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+FLOORS = ("floor", "floor-django", "floor-django-pooled", "floor-asgi")
+LISTS = ("admin-list", "admin-list-open", "admin-search")
 
 
 def test_the_benchmark_runs_end_to_end(tmp_path):
@@ -26,6 +30,10 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
         "2000",
         "--pool-size",
         "3",
+        "--scale",
+        "3000",
+        "--list-concurrency",
+        "4",
         "--out",
         str(out),
     ]
@@ -33,21 +41,51 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     data = json.loads(out.read_text())
-    runs = {(r["scenario"], r["target"]): r for r in data["results"]}
-    expected = {("floor", "floor")} | {
-        (s, t) for s in SCENARIOS for t in ("service", "limit", "own-sql")
-    }
+    seeded = [r for r in data["results"] if r["grown_to"] == 0]
+    runs = {(r["scenario"], r["target"]): r for r in seeded}
+    expected = (
+        {(f, "floor") for f in FLOORS}
+        | {(s, t) for s in SCENARIOS for t in ("service", "limit", "own-sql")}
+        | {(s, "service") for s in LISTS}
+    )
     assert set(runs) == expected
-    for key, run in runs.items():
+    for run in data["results"]:
+        key = (run["scenario"], run["target"], run["grown_to"])
         assert run["requests"] > 0, key
         assert run["rps"] > 0, key
         assert run["non2xx"] == 0, (key, run)
         assert run["p50_ms"] <= run["p99_ms"], (key, run)
+        assert run["interpreter"] == "default", key
+        if run["target"] in ("service", "floor"):
+            # sampled in both workers while they served: at least the event loop's thread
+            assert len(run["threads_peak"]) == 2, (key, run)
+            assert min(run["threads_peak"]) >= 1, (key, run)
+            assert run["app_cpu_ms_per_request"] > 0, (key, run)
+        else:
+            assert run["threads_peak"] is None, (key, run)
     for scenario in SCENARIOS:
         service = runs[(scenario, "service")]
         assert 1 <= service["pg_sessions_peak"] <= 2 * 3, service  # workers x pool size
-        assert service["app_cpu_ms_per_request"] > 0
+
+    # the lists again on the grown history, with the search as selective as at the start
+    grown = {r["scenario"] for r in data["results"] if r["grown_to"] == 3000}
+    assert grown == {"poll", "churn", *LISTS}
+    assert [m["grown_to"] for m in data["search"]["matches"]] == [0, 3000]
+    for match in data["search"]["matches"]:
+        assert 0.001 <= match["matching"] / match["tickets"] <= 0.01, match
+
+    default = data["interpreters"]["default"]
+    assert default["version"] == platform.python_version()
+    assert Path(default["base_executable"]).exists()
+    assert default["psycopg"] == "binary"
+    assert {"pgo", "lto", "build", "loop_ms"} <= set(default)
+
     report = out.with_suffix(".md").read_text()
     assert "### Against the ceilings" in report
     assert all(f"| {s} | 4 |" in report for s in SCENARIOS)
+    assert "### The floors" in report
+    assert "| default | 4 | " in report  # the ratios' row
+    assert f"`{default['base_executable']}`" in report
+    assert "### Lists at scale" in report
+    assert all(f"| {s} | 4 | " in report for s in LISTS)
     assert out.with_suffix(".png").stat().st_size > 1000
