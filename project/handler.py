@@ -199,17 +199,26 @@ def release_request_thread() -> None:
         thread.release()
 
 
+def disconnect_django_receivers() -> None:
+    """Django's own request-signal receivers off: their work is done at the end of each call on
+    the request's thread (_run_hop) and, for the URLconf, in _close. (Django's test client
+    connects close_old_connections again after each of its requests.)"""
+    signals.request_started.disconnect(reset_queries)
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_caches)
+    signals.request_finished.disconnect(base.reset_urlconf)
+
+
+BUSY = b'{"detail": "The service is busy; try again shortly."}'
+
+
 class PooledASGIHandler(asgi.ASGIHandler):
     """Django's ASGIHandler with pooled request threads and no thread hops of its own."""
 
     def __init__(self):
         super().__init__()
-        # Their work is done at the end of each call on the request's thread (_run_hop).
-        signals.request_started.disconnect(reset_queries)
-        signals.request_started.disconnect(close_old_connections)
-        signals.request_finished.disconnect(close_old_connections)
-        signals.request_finished.disconnect(close_caches)
-        signals.request_finished.disconnect(base.reset_urlconf)  # done by _close, in place
+        disconnect_django_receivers()
         self.threads = RequestThreads(
             size=settings.SUPPORT_REQUEST_THREADS, wait_timeout=settings.DB_POOL_TIMEOUT
         )
@@ -219,9 +228,24 @@ class PooledASGIHandler(asgi.ASGIHandler):
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         thread = RequestThread(self.threads)
         token = _request_thread.set(thread)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
             async with ThreadSensitiveContext(executor=thread):
-                await self.handle(scope, receive, send)
+                await self.handle(scope, receive, tracked_send)
+        except ThreadsBusy:
+            # A call outside the view (a signal listener, a middleware's exception hook) found
+            # no thread: answered as the view's own calls are.
+            if started:
+                raise
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": BUSY})
         finally:
             thread.release()
             _request_thread.reset(token)
@@ -250,11 +274,16 @@ class PooledASGIHandler(asgi.ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
+        try:
+            await self._handle(scope, body_file, receive, send)
+        finally:
+            body_file.close()  # also when a call found no thread free
+
+    async def _handle(self, scope, body_file, receive, send):
         set_script_prefix(asgi.get_script_prefix(scope))
         await signals.request_started.asend(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
         if request is None:
-            body_file.close()
             await self.send_response(error_response, send)
             await self._close(error_response)
             return
@@ -272,13 +301,8 @@ class PooledASGIHandler(asgi.ASGIHandler):
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             if task.done():
-                try:
+                with contextlib.suppress(RequestAborted):
                     task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
             else:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -289,7 +313,6 @@ class PooledASGIHandler(asgi.ASGIHandler):
             await signals.request_finished.asend(sender=self.__class__)
         else:
             await self._close(response)
-        body_file.close()
 
     async def _close(self, response) -> None:
         set_urlconf(None)  # django.core.handlers.base.reset_urlconf

@@ -21,6 +21,13 @@ from tests.conftest import create_tickets, create_user, db_state
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _served_state():
+    """Django's receivers off the request signals, as the served app has them (Django's test
+    client, used by other tests, connects close_old_connections again)."""
+    handler.disconnect_django_receivers()
+
+
 @pytest.fixture
 def threads(monkeypatch):
     """``threads(size, wait_timeout)``: the served app's pool replaced by a fresh one."""
@@ -62,7 +69,7 @@ async def test_each_api_request_is_one_call_on_a_reused_thread(make_client, thre
     threads(size=4)
     admin = await sync_to_async(create_user)(staff=True)
     agent = await sync_to_async(create_user)(agent=True)
-    await sync_to_async(create_tickets)(admin, 20)
+    ticket = (await sync_to_async(create_tickets)(admin, 20))[0]
     as_admin, as_agent, anonymous = (
         make_client(admin.token),
         make_client(agent.token),
@@ -74,7 +81,7 @@ async def test_each_api_request_is_one_call_on_a_reused_thread(make_client, thre
         (as_agent.get("/api/agent/tickets/"), 200),  # a poll at the cap
         (as_admin.get("/api/tickets/?page_size=5"), 200),
         (as_admin.post("/api/tickets/", json={"title": "Screen flickers"}), 201),
-        (as_admin.patch("/api/tickets/1/", json={"priority": "loud"}), 400),
+        (as_admin.patch(f"/api/tickets/{ticket.pk}/", json={"priority": "loud"}), 400),
         (as_admin.get("/api/tickets/999999/"), 404),
         (as_admin.get("/api/agents/"), 200),
         (anonymous.get("/api/tickets/"), 401),
@@ -141,6 +148,26 @@ async def test_no_thread_free_in_time_is_a_json_503_that_changes_nothing(make_cl
     assert response.headers["retry-after"] == "1"
     assert "detail" in response.json()
     assert 0.3 <= waited < 2, waited
+    go.set()
+    await blocked
+    holder.release()
+    assert await sync_to_async(db_state)() == before
+
+    # a call outside the view (here a signal listener's) that finds no thread: the same 503
+    def listener(**kwargs):
+        pass
+
+    go.clear()
+    blocked = asyncio.get_running_loop().run_in_executor(holder, go.wait)
+    signals.request_started.connect(listener)
+    try:
+        response = await client.post("/api/tickets/", json={"title": "Lost in the queue"})
+    finally:
+        signals.request_started.disconnect(listener)
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["retry-after"] == "1"
+    assert "detail" in response.json()
     go.set()
     await blocked
     holder.release()
