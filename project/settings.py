@@ -228,7 +228,7 @@ SUPPORT_AGENT_MAX_TICKETS = env_int("SUPPORT_AGENT_MAX_TICKETS", 15, minimum=1)
 SUPPORT_AGENTS_GROUP = "agents"
 # The admin list counts a filter other than status only up to this many tickets
 # (support.services.selectors.list_count): past it the answer says "at least this many".
-SUPPORT_LIST_COUNT_LIMIT = env_int("SUPPORT_LIST_COUNT_LIMIT", 10_000, minimum=1)
+SUPPORT_LIST_COUNT_LIMIT = env_int("SUPPORT_LIST_COUNT_LIMIT", 1_000, minimum=1)
 # The benchmark's framework floor at /bench/floor/ (bench/README.md); off in production.
 SUPPORT_BENCH_ENDPOINTS = env_bool("SUPPORT_BENCH_ENDPOINTS", False)
 

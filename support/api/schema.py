@@ -78,7 +78,7 @@ _ORDERING = [
 LIST_DESCRIPTION = (
     "Newest first unless `ordering` says otherwise. `count` is exact without a filter and with "
     "only `status`; with any other filter it counts at most SUPPORT_LIST_COUNT_LIMIT tickets "
-    "(default 10000), and `count_exact` is false when more match. Pages: `page` numbers, or "
+    "(default 1000), and `count_exact` is false when more match. Pages: `page` numbers, or "
     "`cursor` (empty for the first page, then the `next` and `previous` links), which walks "
     "the default order at the same cost on any page. 400 when: `page=last` with an inexact "
     "count; `cursor` is not one the API gave, or comes with `page` or `ordering`; `search` "
