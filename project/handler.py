@@ -79,16 +79,56 @@ class _Call:
     args: tuple
     kwargs: dict
     deadline: float | None = None
+    thread: "_PoolThread | None" = None
 
     def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return  # the caller gave up while waiting for a thread
         try:
-            result = _run_hop(self)
-        except BaseException as exc:
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
+            if not self.future.set_running_or_notify_cancel():
+                return  # the caller gave up while waiting for a thread
+            try:
+                result = _run_hop(self)
+            except BaseException as exc:
+                self.future.set_exception(exc)
+            else:
+                self.future.set_result(result)
+        finally:
+            self.thread.call_done()
+
+
+class _PoolThread(ThreadPoolExecutor):
+    """One pooled thread. It goes back to the pool only once its calls have finished: a
+    request whose client went away stops waiting for its call (asgiref lets it go on), and
+    the next request must not queue behind that call with no deadline."""
+
+    def __init__(self, threads: "RequestThreads"):
+        super().__init__(max_workers=1, thread_name_prefix="request")
+        self._pool = threads  # (ThreadPoolExecutor has its own _threads)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._back_on: asyncio.AbstractEventLoop | None = None  # released while running
+
+    def run(self, call: _Call) -> None:
+        call.thread = self
+        with self._lock:
+            self._running += 1
+        self.submit(call.run)
+
+    def call_done(self) -> None:  # on the pool thread
+        with self._lock:
+            self._running -= 1
+            loop = self._back_on if self._running == 0 else None
+            if loop is not None:
+                self._back_on = None
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to give it to
+                loop.call_soon_threadsafe(self._pool._give_back, self)
+
+    def release(self) -> None:  # on the loop
+        with self._lock:
+            if self._running:
+                self._back_on = asyncio.get_running_loop()
+                return
+        self._pool._give_back(self)
 
 
 class RequestThreads:
@@ -101,19 +141,19 @@ class RequestThreads:
         self.size = size
         self.wait_timeout = wait_timeout
         self.started = 0
-        self._idle: list[ThreadPoolExecutor] = []
+        self._idle: list[_PoolThread] = []
         self._waiting: deque[RequestThread] = deque()
 
-    def _lease(self, requester: "RequestThread") -> ThreadPoolExecutor | None:
+    def _lease(self, requester: "RequestThread") -> "_PoolThread | None":
         if self._idle:
             return self._idle.pop()  # the most recently used: its stack is warm
         if self.started < self.size:
             self.started += 1
-            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+            return _PoolThread(self)
         self._waiting.append(requester)
         return None
 
-    def _give_back(self, executor: ThreadPoolExecutor) -> None:
+    def _give_back(self, executor: "_PoolThread") -> None:
         while self._waiting:
             if self._waiting.popleft()._receive(executor):
                 return
@@ -130,7 +170,8 @@ class RequestThread(Executor):
 
     def __init__(self, threads: RequestThreads):
         self._threads = threads
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _PoolThread | None = None
+        self._expired = False  # once a wait for a thread expired, later calls fail at once
         self._pending: list[_Call] = []
         self._queued_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -140,9 +181,14 @@ class RequestThread(Executor):
         call = _Call(Future(), self._first, fn, args, kwargs)
         self._first = False
         if self._executor is None and not self._pending:
+            if self._expired:
+                # e.g. Django's exception hook after a view's call found no thread: the
+                # request is answered 503 now rather than after a second full wait
+                call.future.set_exception(ThreadsBusy("no request thread free"))
+                return call.future
             self._executor = self._threads._lease(self)
         if self._executor is not None:
-            self._executor.submit(call.run)
+            self._executor.run(call)
         else:
             if not self._pending:
                 self._queued_at = time.monotonic()
@@ -151,7 +197,7 @@ class RequestThread(Executor):
             self._pending.append(call)
         return call.future
 
-    def _receive(self, executor: ThreadPoolExecutor) -> bool:
+    def _receive(self, executor: "_PoolThread") -> bool:
         """A thread for this request's waiting calls; False when it waits no more."""
         if not self._pending:
             return False
@@ -160,12 +206,13 @@ class RequestThread(Executor):
         deadline = self._queued_at + self._threads.wait_timeout
         for call in self._pending:
             call.deadline = deadline
-            executor.submit(call.run)
+            executor.run(call)
         self._pending.clear()
         return True
 
     def _expire(self) -> None:
         self._timer = None
+        self._expired = True
         pending, self._pending = self._pending, []
         seconds = self._threads.wait_timeout
         for call in pending:
@@ -178,15 +225,14 @@ class RequestThread(Executor):
             self._timer = None
 
     def release(self) -> None:
-        """Give the thread back. A call still running on it finishes first: the next request
-        to take the thread queues behind it on that one thread."""
+        """Give the thread back, once a call still running on it has finished."""
         self._cancel_timer()
         for call in self._pending:
             call.future.cancel()
         self._pending.clear()
         if self._executor is not None:
             executor, self._executor = self._executor, None
-            self._threads._give_back(executor)
+            executor.release()
 
 
 _request_thread: contextvars.ContextVar[RequestThread] = contextvars.ContextVar("request_thread")
@@ -239,8 +285,8 @@ class PooledASGIHandler(asgi.ASGIHandler):
             async with ThreadSensitiveContext(executor=thread):
                 await self.handle(scope, receive, tracked_send)
         except ThreadsBusy:
-            # A call outside the view (a signal listener, a middleware's exception hook) found
-            # no thread: answered as the view's own calls are.
+            # A call outside the view (a signal listener's) found no thread: answered as the
+            # view's own calls are. (Django answers a sync view's through handler500.)
             if started:
                 raise
             headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]

@@ -179,6 +179,25 @@ async def test_no_thread_free_in_time_is_a_json_503_that_changes_nothing(make_cl
     assert await Ticket.objects.filter(title="Served").aexists()
 
 
+async def test_a_page_of_the_admin_site_with_no_thread_free_is_a_503_after_one_wait(
+    make_client, threads
+):
+    pool = threads(size=1, wait_timeout=0.3)
+    holder, go = RequestThread(pool), threading.Event()
+    blocked = asyncio.get_running_loop().run_in_executor(holder, go.wait)
+    started = time.monotonic()
+    response = await make_client().get("/admin/login/")
+    waited = time.monotonic() - started
+    go.set()
+    await blocked
+    holder.release()
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert "detail" in response.json()
+    assert 0.3 <= waited < 0.6, waited  # one wait, not one per call Django makes
+    assert (await make_client().get("/admin/login/")).status_code == 200
+
+
 async def test_requests_queue_for_a_thread_first_come_first_served():
     pool = RequestThreads(size=1, wait_timeout=5)
     loop = asyncio.get_running_loop()
@@ -217,6 +236,28 @@ async def test_a_request_that_gives_up_while_queued_leaves_its_place():
     holder.release()
     await served
     assert ran == ["next"]
+
+
+async def test_a_thread_given_back_while_its_call_runs_returns_when_the_call_ends():
+    """A request whose client went away stops waiting for its call while the call goes on
+    (asgiref lets it): its thread is not handed to another request before that call ends."""
+    pool = RequestThreads(size=1, wait_timeout=0.2)
+    loop = asyncio.get_running_loop()
+    gone, go = RequestThread(pool), threading.Event()
+    running = loop.run_in_executor(gone, go.wait)
+    await asyncio.sleep(0.01)
+    gone.release()  # its request ended; its call still runs
+    with pytest.raises(ThreadsBusy):  # waited for a thread, in time, rather than behind the call
+        await asyncio.wait_for(loop.run_in_executor(RequestThread(pool), time.sleep, 0), 1)
+    queued = RequestThread(pool)
+    served = loop.run_in_executor(queued, lambda: threading.current_thread().name)
+    await asyncio.sleep(0.05)
+    assert not served.done()
+    go.set()
+    await running
+    assert (await asyncio.wait_for(served, 1)).startswith("request")
+    queued.release()
+    assert pool.started == 1
 
 
 async def test_the_wait_for_a_thread_expires_as_threads_busy():

@@ -1,6 +1,11 @@
 """JSON answers for errors Django raises outside the API views (unknown paths, bad hosts)."""
 
+import sys
+
+from django.db import OperationalError
 from django.http import JsonResponse
+
+from support.api.errors import DB_UNAVAILABLE
 
 
 def bad_request(request, exception=None):
@@ -12,4 +17,11 @@ def not_found(request, exception=None):
 
 
 def server_error(request):
+    # Called while Django handles the exception: one from the database (down, busy, no request
+    # thread free: project/handler.py) that reached here from a non-API view is a 503, as in
+    # the API.
+    if isinstance(sys.exc_info()[1], OperationalError):
+        response = JsonResponse({"detail": DB_UNAVAILABLE}, status=503)
+        response["Retry-After"] = "1"
+        return response
     return JsonResponse({"detail": "Internal server error."}, status=500)
