@@ -13,7 +13,7 @@ from support.models import Ticket, TicketEvent
 from support.rules import Actor, Status
 from support.services.errors import NOT_YOURS, NotFound, TransitionNotAllowed
 from support.services.locks import lock_ticket, lock_users, require_active_agent
-from support.services.records import change_tickets, record
+from support.services.records import move_tickets
 from support.services.selectors import ROW_FIELDS, held_tickets
 
 Kind = TicketEvent.Kind
@@ -60,16 +60,16 @@ def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
             return held
         now = timezone.now()
         ids = [row["id"] for row in picked]
-        change_tickets(ids, status=Status.ASSIGNED, holder=None, new_holder=agent_id, at=now)
-        record(
+        move_tickets(
             ids,
             kind=Kind.ASSIGNED,
             actor_id=agent_id,
-            at=now,
+            agent_id=agent_id,
             from_status=Status.OPEN,
             to_status=Status.ASSIGNED,
-            agent_id=agent_id,
-            changes={"assigned_to": [None, agent_id], "status": ["open", "assigned"]},
+            holder=None,
+            new_holder=agent_id,
+            at=now,
         )
         for row in picked:
             row.update(
@@ -108,16 +108,16 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
         if move is None or Actor.AGENT not in move.by:
             raise TransitionNotAllowed(current, to_status, rules.allowed(current, Actor.AGENT))
         now = timezone.now()
-        change_tickets([ticket_id], status=to_status, holder=agent_id, new_holder=agent_id, at=now)
-        record(
+        move_tickets(
             [ticket_id],
             kind=Kind.STATUS_CHANGED,
             actor_id=agent_id,
-            at=now,
+            agent_id=agent_id,
             from_status=current,
             to_status=to_status,
-            agent_id=agent_id,
-            changes={"status": [current, to_status]},
+            holder=agent_id,
+            new_holder=agent_id,
+            at=now,
         )
         transaction.on_commit(
             lambda: obs.log_event(
@@ -147,15 +147,15 @@ def release_assigned(agent_id: int, actor_id: int) -> list[int]:
     if not released:
         return released
     now = timezone.now()
-    change_tickets(released, status=Status.OPEN, holder=agent_id, new_holder=None, at=now)
-    record(
+    move_tickets(
         released,
         kind=Kind.RELEASED,
         actor_id=actor_id,
-        at=now,
+        agent_id=agent_id,
         from_status=Status.ASSIGNED,
         to_status=Status.OPEN,
-        agent_id=agent_id,
-        changes={"assigned_to": [agent_id, None], "status": ["assigned", "open"]},
+        holder=agent_id,
+        new_holder=None,
+        at=now,
     )
     return released

@@ -5,7 +5,8 @@ read uses) and as the ticket's active assignment (the record of who held it, and
 :func:`change_tickets` is the only code that writes either, for every change: a fetch, an
 agent's move, an admin's edit, a release. It writes status and holder in one UPDATE (the
 database's CHECK wants them together) and ends and starts assignments in the same
-transaction. :func:`record` writes the change's events.
+transaction. :func:`record` writes the change's events; :func:`move_tickets` does both for
+a change of status and holder alone (a fetch, an agent's move, a release).
 """
 
 from collections.abc import Iterable
@@ -64,4 +65,33 @@ def record(
             changes=changes or {},
         )
         for pk in ids
+    )
+
+
+def move_tickets(
+    ids: list[int],
+    *,
+    kind: str,
+    actor_id: int,
+    agent_id: int | None,
+    from_status: str,
+    to_status: str,
+    holder: int | None,
+    new_holder: int | None,
+    at: datetime,
+) -> None:
+    """Give the tickets ``ids`` (in ``from_status``, held by ``holder``) ``to_status`` and
+    ``new_holder``, with one event each saying what changed."""
+    change_tickets(ids, status=to_status, holder=holder, new_holder=new_holder, at=at)
+    changes = {"assigned_to": [holder, new_holder]} if new_holder != holder else {}
+    changes["status"] = [from_status, to_status]
+    record(
+        ids,
+        kind=kind,
+        actor_id=actor_id,
+        at=at,
+        from_status=from_status,
+        to_status=to_status,
+        agent_id=agent_id,
+        changes=changes,
     )
