@@ -11,7 +11,6 @@ from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
 from django.db import OperationalError
-from django.http import HttpResponse
 from django.middleware import clickjacking, common, csrf, security
 from django.utils.deprecation import MiddlewareMixin
 from rest_framework.response import Response
@@ -34,14 +33,10 @@ class DatabaseUnavailableMiddleware:
     def process_exception(self, request, exception):
         if not isinstance(exception, OperationalError):
             return None
-        from support.api.errors import DB_UNAVAILABLE
+        from support.api.views_errors import database_unavailable
 
         log.warning("database unavailable: %s", exception)
-        response = HttpResponse(
-            json.dumps({"detail": DB_UNAVAILABLE}), status=503, content_type="application/json"
-        )
-        response["Retry-After"] = "1"
-        return response
+        return database_unavailable()
 
 
 # --- Django's own middleware, with its hooks run on the event loop ----------------------------
