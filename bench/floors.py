@@ -79,16 +79,6 @@ async def _asgi_floor(scope, receive, send):
     await send({"type": "http.response.body", "body": BODY if found else b""})
 
 
-def pooled_handler_missing() -> str | None:
-    """Why the pooled floor cannot run from this checkout, or None when it can. (The file is
-    looked for, not the module: an editable install elsewhere could answer the import.)"""
-    from pathlib import Path
-
-    if not (Path(__file__).resolve().parent.parent / "project" / "handler.py").exists():
-        return "project/handler.py (PooledASGIHandler) is not in this checkout"
-    return None
-
-
 # --- The driver's side ----------------------------------------------------------------------
 @contextmanager
 def serve(
@@ -97,53 +87,16 @@ def serve(
     """Serve floor ``name`` on a free loopback port with ``python``; yields a
     tests.servers.Server once ``/bench/floor/`` answers, and always stops it (the whole process
     group). ``env`` adds to the environment."""
-    import subprocess
-    import tempfile
-    import time
-    from pathlib import Path
-
-    import httpx
-
     from tests.pg_cluster import free_port
-    from tests.servers import Server, stop_process
+    from tests.servers import serve_process
 
-    root = Path(__file__).resolve().parent.parent
     port = free_port()
-    with tempfile.NamedTemporaryFile(prefix=f"floor-{name}-", suffix=".log", delete=False) as fh:
-        log_path = Path(fh.name)
     command = [python, "-m", "bench.floors", name, "--port", str(port), "--workers", str(workers)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=root,
-            env={**os.environ, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(proc=proc, port=port, log_path=log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {name} floor exited with {proc.returncode}")
-            try:
-                if httpx.get(server.base_url + PATH, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {name} floor did not answer {PATH} within 30 s")
-            time.sleep(0.1)
-        if workers > 1:
-            server.wait_for_workers(workers)
+    env = {**os.environ, **(env or {})}
+    with serve_process(
+        command, port=port, env=env, workers=workers, ready_path=PATH, label=f"floor-{name}"
+    ) as server:
         yield server
-    except BaseException as exc:
-        exc.add_note(f"--- {name} floor output ({log_path}) ---\n{server.log_tail()}")
-        raise
-    finally:
-        stop_process(proc)
-        log_path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:

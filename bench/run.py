@@ -606,11 +606,6 @@ class Bench:
     def main(self) -> None:
         args = self.args
         started = time.monotonic()
-        if "django-pooled" in args.floors and (missing := floors.pooled_handler_missing()):
-            raise SystemExit(
-                f"the pooled Django floor cannot run: {missing} (--floors without"
-                " django-pooled runs the others)"
-            )
         # before anything long: the interpreters, and a venv for each other one
         self.interpreters["default"] = interpreter.describe(sys.executable)
         others = {}

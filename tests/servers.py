@@ -161,18 +161,19 @@ class Server:
                 raise RuntimeError(f"expected {count} workers, have {pids}\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+    def wait_answering(self, path: str = "/healthz", timeout: float = STARTUP_TIMEOUT) -> None:
+        """Until ``path`` answers 200 (the process exiting or the timeout: an error)."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.proc.returncode}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode}")
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.base_url}{path}", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"uvicorn did not answer /healthz within {timeout}s")
+                raise TimeoutError(f"the server did not answer {path} within {timeout}s")
             time.sleep(0.1)
 
 
@@ -247,36 +248,54 @@ def run_uvicorn(
     if not env or "DATABASE_URL" not in env:  # the benchmark passes its own database
         server_env["DATABASE_URL"] = database_url()
     server_env = {name: value for name, value in server_env.items() if value is not None}
-    with tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False) as fh:
+    command = [
+        python,
+        "-m",
+        "project.serve",  # the README's entry point; the test database is migrated
+        "--no-migrate",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    with serve_process(command, port=port, env=server_env, workers=workers) as server:
+        yield server
+
+
+@contextmanager
+def serve_process(
+    command: list[str],
+    *,
+    port: int,
+    env: dict[str, str],
+    workers: int,
+    ready_path: str = "/healthz",
+    label: str = "uvicorn",
+) -> Iterator[Server]:
+    """Run ``command`` (a server on ``port``) in its own process group with its output in a
+    log file; yields a :class:`Server` once ``ready_path`` answers and its ``workers`` are up,
+    and always stops the whole group."""
+    with tempfile.NamedTemporaryFile(prefix=f"{label}-", suffix=".log", delete=False) as fh:
         log_path = Path(fh.name)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "project.serve",  # the README's entry point; the test database is migrated
-                "--no-migrate",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
+            command,
             cwd=ROOT,
-            env=server_env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole at the end
         )
     server = Server(proc=proc, port=port, log_path=log_path)
     try:
-        server.wait_healthy()
+        server.wait_answering(ready_path)
         if workers > 1:
             server.wait_for_workers(workers)
         yield server
     except BaseException as exc:
-        exc.add_note(f"--- uvicorn output (last lines of {log_path}) ---\n{server.log_tail()}")
+        exc.add_note(f"--- {label} output (last lines of {log_path}) ---\n{server.log_tail()}")
         raise
     finally:
         stop_process(proc)
