@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core import signals
-from django.core.cache import caches, close_caches
+from django.core.cache import close_caches
 from django.core.exceptions import RequestAborted
 from django.core.handlers import asgi, base
-from django.db import OperationalError, close_old_connections, connections, reset_queries
+from django.db import OperationalError, close_old_connections, reset_queries
 from django.urls import set_script_prefix, set_urlconf
 from django.utils.log import log_response
 
@@ -56,19 +56,16 @@ def connection_deadline() -> float | None:
 def _run_hop(call: "_Call"):
     """One blocking call of a request, on its thread, with the request signals' work around it."""
     if call.first:
-        for conn in connections.all(initialized_only=True):
-            conn.queries_log.clear()  # django.db.reset_queries
+        reset_queries()
     _hop.deadline = call.deadline
     try:
         return call.fn(*call.args, **call.kwargs)
     finally:
         _hop.deadline = None
-        # django.db.close_old_connections: with the pool (CONN_MAX_AGE 0) every connection the
-        # call took goes back to it here, so an idle thread holds none.
-        for conn in connections.all(initialized_only=True):
-            conn.close_if_unusable_or_obsolete()
-        for cache in caches.all(initialized_only=True):
-            cache.close()
+        # With the pool (CONN_MAX_AGE 0) every connection the call took goes back to it here,
+        # so an idle thread holds none.
+        close_old_connections()
+        close_caches()
 
 
 @dataclass
