@@ -133,6 +133,9 @@ def database_config(url: str) -> dict:
 
 DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
 DATABASES = {"default": database_config(DATABASE_URL)}
+# Each worker's one listening connection (support.live: LISTEN needs a session of its own, so
+# it goes to PostgreSQL directly when DATABASE_URL goes through PgBouncer).
+SUPPORT_LISTEN_DATABASE_URL = env_str("SUPPORT_LISTEN_DATABASE_URL") or DATABASE_URL
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth -----------------------------------------------------------------------------------
@@ -229,6 +232,10 @@ SUPPORT_AGENTS_GROUP = "agents"
 # The admin list counts a filter other than status only up to this many tickets
 # (support.services.selectors.list_count): past it the answer says "at least this many".
 SUPPORT_LIST_COUNT_LIMIT = env_int("SUPPORT_LIST_COUNT_LIMIT", 1_000, minimum=1)
+# Wait for work (GET /api/agent/tickets/?wait=N): the longest wait a request may ask for, and
+# how often waiters look at the pool while their worker's listening connection is down.
+SUPPORT_WAIT_MAX_SECONDS = 60
+SUPPORT_WAIT_POLL_SECONDS = env_float("SUPPORT_WAIT_POLL_SECONDS", 2.0, minimum=0.05)
 # The benchmark's framework floor at /bench/floor/ (bench/README.md); off in production.
 SUPPORT_BENCH_ENDPOINTS = env_bool("SUPPORT_BENCH_ENDPOINTS", False)
 
