@@ -134,8 +134,9 @@ def database_config(url: str) -> dict:
 DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
 DATABASES = {"default": database_config(DATABASE_URL)}
 # Each worker's one listening connection (support.live: LISTEN needs a session of its own, so
-# it goes to PostgreSQL directly when DATABASE_URL goes through PgBouncer).
-SUPPORT_LISTEN_DATABASE_URL = env_str("SUPPORT_LISTEN_DATABASE_URL") or DATABASE_URL
+# it goes to PostgreSQL directly when DATABASE_URL goes through PgBouncer). Unset: the
+# database of DATABASE_URL, as the app connects to it.
+SUPPORT_LISTEN_DATABASE_URL = env_str("SUPPORT_LISTEN_DATABASE_URL") or ""
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth -----------------------------------------------------------------------------------
