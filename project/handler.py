@@ -341,7 +341,14 @@ class PooledASGIHandler(asgi.ASGIHandler):
             asyncio.create_task(self.listen_for_disconnect(receive)),
             asyncio.create_task(process_request(request, send)),
         ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The request itself cancelled (the server shutting down, an in-process client
+            # giving up): its tasks end with it; a waiting fetch leaves its queue at once.
+            for task in tasks:
+                task.cancel()
+            raise
         for task in tasks:
             if task.done():
                 with contextlib.suppress(RequestAborted):

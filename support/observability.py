@@ -15,7 +15,7 @@ import re
 import time
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from project.logs import RequestIdFilter, request_id_var
 
@@ -59,6 +59,16 @@ AGENT_LOCK_WAIT = Histogram(
 )
 LOCK_TIMEOUTS = Counter(
     "support_lock_timeouts_total", "Requests that gave up waiting for a database lock"
+)
+WAITING_AGENTS = Gauge(
+    "support_waiting_agents",
+    "Fetches waiting for tickets to enter the pool (GET /api/agent/tickets/?wait=N)",
+    multiprocess_mode="livesum",
+)
+POOL_LISTENING = Gauge(
+    "support_pool_listening",
+    "1 while the worker's listening connection is up (0: its waiters poll the pool)",
+    multiprocess_mode="liveall",
 )
 
 

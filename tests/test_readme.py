@@ -32,6 +32,7 @@ EXPECTED_CALLS = [
     ("POST", "/api/auth/token/", 200),
     ("POST", "/api/auth/token/", 200),
     ("GET", "/api/agent/tickets/", 200),
+    ("GET", "/api/agent/tickets/", 200),  # ?wait=5
     ("POST", "/api/agent/tickets/", 200),
     ("GET", "/api/agents/", 200),
     ("POST", "/api/tickets/", 201),

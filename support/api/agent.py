@@ -1,13 +1,21 @@
-"""Agent endpoints: fetch (with the top-up) and move one's own tickets."""
+"""Agent endpoints: fetch (with the top-up, and the wait for work) and move one's own tickets."""
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+import asyncio
+
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions
 from rest_framework.response import Response
 
-from support import services
+from project.handler import release_request_thread
+from support import live, services
 from support.api.auth import IsAgent
 from support.api.schema import TransitionRefusedSerializer, answers, body_errors
-from support.api.serializers import AgentTransitionSerializer, TicketSerializer, ticket_json
+from support.api.serializers import (
+    AgentFetchQuerySerializer,
+    AgentTransitionSerializer,
+    TicketSerializer,
+    ticket_json,
+)
 from support.api.views import APIView
 
 
@@ -18,12 +26,46 @@ class AgentTicketsView(APIView):
         operation_id="agent_tickets_fetch",
         description=(
             "Tops the caller up to the cap from the pool (highest priority, then oldest), then "
-            "lists its tickets in status assigned, by assigned_at then id."
+            "lists its tickets in status assigned, by assigned_at then id. With `wait=N`, a "
+            "caller left holding nothing waits up to N seconds for tickets to enter the pool, "
+            "then tops up and answers; at the deadline it answers the empty list."
         ),
-        responses=answers({200: TicketSerializer(many=True)}, 401, 403),
+        parameters=[
+            OpenApiParameter(
+                "wait",
+                float,
+                description=(
+                    "Seconds (0 < N <= 60, up to 3 decimals) to wait for work when the top-up "
+                    "leaves the caller holding nothing. Longest waiter first within a worker."
+                ),
+            )
+        ],
+        responses=answers({200: TicketSerializer(many=True)}, 401, 403, field_errors=True),
     )
     async def get(self, request):
-        return await self.in_thread(self._fetch, request)
+        if "wait" not in request.query_params:
+            return await self.in_thread(self._fetch, request)
+        # Marked before the first look at the pool: tickets entering it meanwhile are not
+        # missed (support.live). Waiting holds no thread, and each hop gives its connection
+        # back when it ends.
+        pool = live.pool()
+        arrived = asyncio.get_running_loop().time()
+        since = pool.mark()
+        response = await self.in_thread(self._fetch_waiting, request)
+        deadline = arrived + self._wait
+        while not response.data:
+            release_request_thread()
+            if not await pool.wait(arrived, since, deadline):
+                break
+            since = pool.mark()
+            response = await self.then_in_thread(self._fetch, request)
+        return response
+
+    def _fetch_waiting(self, request):
+        query = AgentFetchQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        self._wait = float(query.validated_data["wait"])
+        return self._fetch(request)
 
     def _fetch(self, request):
         # The token check just read the caller's role: a full agent needs no lock.

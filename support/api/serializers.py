@@ -1,5 +1,8 @@
-"""Shapes and validation of the API's bodies. No rules live here (see support.services)."""
+"""Shapes and validation of the API's bodies and queries. No rules here (see support.services)."""
 
+from decimal import Decimal
+
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.contrib.auth.validators import UnicodeUsernameValidator
@@ -176,6 +179,17 @@ class AgentTransitionSerializer(serializers.Serializer):
         if not isinstance(data, dict) or "ticket_id" in self.errors:
             return None
         return data["ticket_id"]
+
+
+class AgentFetchQuerySerializer(serializers.Serializer):
+    """The fetch's query: ``wait``, the seconds to wait for work when the agent holds nothing."""
+
+    wait = serializers.DecimalField(
+        max_digits=5,
+        decimal_places=3,
+        min_value=Decimal("0.001"),
+        max_value=settings.SUPPORT_WAIT_MAX_SECONDS,
+    )
 
 
 class AgentSerializer(serializers.Serializer):

@@ -57,6 +57,13 @@ class APIView(views.APIView):
         self._checked = True
         return await sync_to_async(checks_then_work)()
 
+    async def then_in_thread(self, work, *args, **kwargs):
+        """A later hop of a request whose checks ``in_thread`` has run (a waiting fetch's next
+        look at the pool): the checks are not repeated (a throttle would count it twice)."""
+        if not self._checked:
+            raise ImproperlyConfigured("then_in_thread() before in_thread()")
+        return await sync_to_async(work)(*args, **kwargs)
+
     async def async_dispatch(self, request, *args, **kwargs):
         # adrf's async_dispatch, but for where ``initial`` runs.
         self.args = args

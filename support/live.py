@@ -1,0 +1,238 @@
+"""Wait for work: each worker process's listening connection, and its agents waiting for tickets.
+
+An agent that asks ``GET /api/agent/tickets/?wait=N`` and holds nothing after its top-up waits
+here, on the event loop, holding no thread and no database connection. Tickets entering the
+pool (a creation, a release, a reopening) make PostgreSQL send ``NOTIFY support_pool, '<n>'``
+at commit (migration 0011). Each worker process keeps one connection listening for it, straight
+to PostgreSQL (``SUPPORT_LISTEN_DATABASE_URL``: LISTEN needs a session, which a transaction
+pooler does not give), and wakes enough of its waiters to take ``n`` tickets, longest waiter
+first. A woken waiter makes the same locked top-up as any fetch; one that finds the tickets
+already taken (by a waiter of another process) waits again, in its place.
+
+Fairness: within a process, the longest waiter is served first. Across processes there is no
+global queue: every process wakes its own longest waiters and the database gives each ticket
+to whichever top-up takes it first (``SKIP LOCKED``). No ticket goes to two agents, and every
+waiter is woken for every ticket while it waits, but a waiter of one process may be served
+before an older waiter of another.
+
+If the listening connection is lost, the process tries to reopen it every
+``SUPPORT_WAIT_POLL_SECONDS`` and meanwhile looks at the pool itself at that interval (the
+open count, through the app's own database path) and wakes waiters for what it finds. When the
+connection is back it looks once more, for what it missed. On SQLite there is no listening:
+waiters are always served by that polling.
+"""
+
+import asyncio
+import bisect
+import logging
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import dj_database_url
+import psycopg
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from support import observability as obs
+from support import rules
+from support.rules import Status
+
+log = logging.getLogger("support.live")
+
+CHANNEL = "support_pool"
+KEEPALIVE = 30.0  # seconds of silence after which the listening connection is checked
+APPLICATION_NAME = "support-listener"
+
+
+def conninfo(application_name: str) -> dict:
+    """Connection parameters for a session straight to PostgreSQL: SUPPORT_LISTEN_DATABASE_URL,
+    or the app's own database (as the app connects to it: in tests, the test database)."""
+    url = settings.SUPPORT_LISTEN_DATABASE_URL
+    db = dj_database_url.parse(url) if url else connections["default"].settings_dict
+    params = {
+        "dbname": db["NAME"],
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "connect_timeout": settings.DB_CONNECT_TIMEOUT,
+        "application_name": application_name,
+        # a host that vanishes without closing the connection is noticed in about a minute
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+class Waiter:
+    """One waiting request, in its place by arrival (the event loop's clock)."""
+
+    __slots__ = ("arrived", "woken")
+
+    def __init__(self, arrived: float):
+        self.arrived = arrived
+        self.woken = asyncio.Event()
+
+    def __lt__(self, other: "Waiter") -> bool:
+        return self.arrived < other.arrived
+
+
+class Pool:
+    """The agents of this process waiting for tickets, longest first, and what wakes them."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.waiting: list[Waiter] = []  # by arrival
+        self.wakes = 0  # notifications seen (and pool looks that found tickets)
+        self.listening = False
+        self._task: asyncio.Task | None = None
+        self._thread: ThreadPoolExecutor | None = None  # for the fallback's pool looks
+        self._warned = -math.inf
+
+    # --- the waiters' side (on the loop) ------------------------------------------------------
+    def mark(self) -> int:
+        """Before a request looks at the pool: what it must compare with afterwards."""
+        self.start()
+        return self.wakes
+
+    async def wait(self, arrived: float, since: int, deadline: float) -> bool:
+        """Wait until tickets may be there for the caller (True) or ``deadline`` (False; both
+        times on the event loop's clock).
+
+        ``since`` is :meth:`mark`'s value from before the caller's last look at the pool:
+        tickets that came while it looked are answered at once. Cancelled (the client went
+        away), the waiter leaves and passes a wake it got on to the next one.
+        """
+        if self.wakes != since:
+            return True
+        waiter = Waiter(arrived)
+        bisect.insort(self.waiting, waiter)
+        obs.WAITING_AGENTS.inc()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter.woken.wait()
+            return True
+        except TimeoutError:
+            return waiter.woken.is_set()
+        finally:
+            self.waiting.remove(waiter)
+            obs.WAITING_AGENTS.dec()
+            if waiter.woken.is_set() and asyncio.current_task().cancelling():
+                self.wake(1)  # its ticket is for the next waiter
+
+    def wake(self, tickets: int) -> None:
+        """``tickets`` entered the pool: wake as many of the longest waiters as can take them
+        (each holds nothing, so takes up to the cap)."""
+        self.wakes += 1
+        count = math.ceil(tickets / rules.cap())
+        for waiter in self.waiting:
+            if count <= 0:
+                break
+            if not waiter.woken.is_set():
+                waiter.woken.set()
+                count -= 1
+
+    # --- the listening connection -------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = self.loop.create_task(self._run(), name="support-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
+
+    async def _run(self) -> None:
+        while True:
+            if connections["default"].vendor == "postgresql":
+                try:
+                    await self._listen()
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    now = self.loop.time()
+                    if self.listening or now - self._warned > 60:  # once a minute while down
+                        self._warned = now
+                        what = "lost" if self.listening else "could not open"
+                        log.warning("listening connection %s: %s; polling the pool", what, exc)
+                finally:
+                    self._listening(False)
+            # Down (or SQLite): look at the pool while anyone waits, then try again.
+            interval = settings.SUPPORT_WAIT_POLL_SECONDS
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
+            if self.waiting:
+                await self._look_through_app()
+
+    async def _listen(self) -> None:
+        async with await psycopg.AsyncConnection.connect(
+            **conninfo(APPLICATION_NAME), autocommit=True
+        ) as conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            self._listening(True)
+            log.info("listening for tickets entering the pool")
+            # What entered while nobody listened (the first start included).
+            await self._found(await _open_count(conn))
+            while True:
+                async for notify in conn.notifies(timeout=KEEPALIVE):
+                    self.wake(int(notify.payload or 1))
+                # a quiet spell: check the connection is still there
+                async with asyncio.timeout(settings.DB_CONNECT_TIMEOUT):
+                    await conn.execute("SELECT 1")
+
+    def _listening(self, up: bool) -> None:
+        self.listening = up
+        obs.POOL_LISTENING.set(int(up))
+
+    async def _found(self, open_tickets: int) -> None:
+        if open_tickets > 0:
+            self.wake(open_tickets)
+
+    async def _look_through_app(self) -> None:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="support-pool-look")
+        try:
+            found = await self.loop.run_in_executor(self._thread, _open_count_through_app)
+        except Exception as exc:  # the database itself is down: the next look will tell
+            log.warning("could not look at the pool: %s", exc)
+            return
+        await self._found(found)
+
+
+async def _open_count(conn: psycopg.AsyncConnection) -> int:
+    cursor = await conn.execute("SELECT COALESCE(SUM(open), 0)::bigint FROM support_ticket_count")
+    return (await cursor.fetchone())[0]
+
+
+def _open_count_through_app() -> int:
+    from support.services.selectors import status_count
+
+    try:
+        return status_count([Status.OPEN])
+    finally:
+        close_old_connections()
+        connections["default"].close()
+
+
+_pools: dict[asyncio.AbstractEventLoop, Pool] = {}
+
+
+def pool() -> Pool:
+    """This process's (this event loop's) waiting agents."""
+    loop = asyncio.get_running_loop()
+    current = _pools.get(loop)
+    if current is None:
+        for old in [old for old in _pools if old.is_closed()]:
+            del _pools[old]
+        current = _pools[loop] = Pool()
+    return current
+
+
+async def stop() -> None:
+    """Close the current loop's listening connection (tests, shutdown)."""
+    current = _pools.pop(asyncio.get_running_loop(), None)
+    if current is not None:
+        await current.stop()
