@@ -23,7 +23,6 @@ waiters are always served by that polling.
 """
 
 import asyncio
-import bisect
 import logging
 import math
 import random
@@ -67,16 +66,14 @@ def conninfo(application_name: str) -> dict:
 
 
 class Waiter:
-    """One waiting request, in its place by arrival (the event loop's clock)."""
+    """One request waiting for work, from its arrival to its answer. ``woken``: tickets may
+    be there for it; set while it looks at the pool, it looks again at once."""
 
-    __slots__ = ("arrived", "woken")
+    __slots__ = ("asleep", "woken")
 
-    def __init__(self, arrived: float):
-        self.arrived = arrived
+    def __init__(self):
         self.woken = asyncio.Event()
-
-    def __lt__(self, other: "Waiter") -> bool:
-        return self.arrived < other.arrived
+        self.asleep = False  # waiting (else looking at the pool)
 
 
 class Pool:
@@ -84,50 +81,55 @@ class Pool:
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.waiting: list[Waiter] = []  # by arrival
-        self.wakes = 0  # notifications seen (and pool looks that found tickets)
+        self.queue: list[Waiter] = []  # by arrival: joined before their first look
         self.listening = False
         self._task: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None  # for the fallback's pool looks
         self._warned = -math.inf
 
     # --- the waiters' side (on the loop) ------------------------------------------------------
-    def mark(self) -> int:
-        """Before a request looks at the pool: what it must compare with afterwards."""
+    def join(self) -> Waiter:
+        """A request that may wait, before its first look at the pool: tickets that enter
+        while it looks are not missed, and its place is its arrival."""
         self.start()
-        return self.wakes
+        waiter = Waiter()
+        self.queue.append(waiter)
+        return waiter
 
-    async def wait(self, arrived: float, since: int, deadline: float) -> bool:
-        """Wait until tickets may be there for the caller (True) or ``deadline`` (False; both
-        times on the event loop's clock).
+    def leave(self, waiter: Waiter) -> None:
+        """The request is answered (or gone): a wake it did not use goes to the next one."""
+        self.queue.remove(waiter)
+        if waiter.woken.is_set():
+            self.wake(1)
 
-        ``since`` is :meth:`mark`'s value from before the caller's last look at the pool:
-        tickets that came while it looked are answered at once. Cancelled (the client went
-        away), the waiter leaves and passes a wake it got on to the next one.
-        """
-        if self.wakes != since:
-            return True
-        waiter = Waiter(arrived)
-        bisect.insort(self.waiting, waiter)
-        obs.WAITING_AGENTS.inc()
-        try:
-            async with asyncio.timeout_at(deadline):
-                await waiter.woken.wait()
-            return True
-        except TimeoutError:
-            return waiter.woken.is_set()
-        finally:
-            self.waiting.remove(waiter)
-            obs.WAITING_AGENTS.dec()
-            if waiter.woken.is_set() and asyncio.current_task().cancelling():
-                self.wake(1)  # its ticket is for the next waiter
+    async def wait(self, waiter: Waiter, deadline: float) -> bool:
+        """Wait until tickets may be there for ``waiter`` (True) or ``deadline`` (False, on
+        the event loop's clock). Holds nothing but the waiter's place."""
+        if not waiter.woken.is_set():
+            waiter.asleep = True
+            obs.WAITING_AGENTS.inc()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter.woken.wait()
+            except TimeoutError:
+                if not waiter.woken.is_set():
+                    return False
+            finally:
+                waiter.asleep = False
+                obs.WAITING_AGENTS.dec()
+        waiter.woken.clear()
+        return True
+
+    @property
+    def waiting(self) -> list[Waiter]:
+        return [waiter for waiter in self.queue if waiter.asleep]
 
     def wake(self, tickets: int) -> None:
         """``tickets`` entered the pool: wake as many of the longest waiters as can take them
-        (each holds nothing, so takes up to the cap)."""
-        self.wakes += 1
+        (each holds nothing, so takes up to the cap). A waiter looking at the pool right now
+        counts: it looks again at once, before any younger waiter."""
         count = math.ceil(tickets / rules.cap())
-        for waiter in self.waiting:
+        for waiter in self.queue:
             if count <= 0:
                 break
             if not waiter.woken.is_set():
@@ -164,7 +166,7 @@ class Pool:
             # Down (or SQLite): look at the pool while anyone waits, then try again.
             interval = settings.SUPPORT_WAIT_POLL_SECONDS
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
-            if self.waiting:
+            if self.queue:
                 await self._look_through_app()
 
     async def _listen(self) -> None:

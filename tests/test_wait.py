@@ -164,7 +164,7 @@ async def test_a_waiter_holds_no_thread_and_no_connection(make_client, monkeypat
         answers = await asyncio.gather(*fetches)
     assert sorted(len(a.json()) for a in answers) == [1] * 20
     assert len({a.json()[0]["id"] for a in answers}) == 20
-    assert live.pool().waiting == []
+    assert live.pool().queue == []
 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind(agent_client, make_client, admin):
@@ -173,29 +173,43 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(agent_client, make_clien
     fetch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await fetch
-    assert live.pool().waiting == []
+    assert live.pool().queue == []
 
 
 async def test_a_woken_waiter_that_leaves_passes_its_wake_on():
     pool = live.pool()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    first = asyncio.create_task(pool.wait(1.0, pool.wakes, deadline))
-    second = asyncio.create_task(pool.wait(2.0, pool.wakes, deadline))
+    deadline = asyncio.get_running_loop().time() + 30
+    first, second = pool.join(), pool.join()
+    waits = [asyncio.create_task(pool.wait(w, deadline)) for w in (first, second)]
     await until(lambda: len(pool.waiting) == 2)
     pool.wake(1)
-    first.cancel()  # gone before it could look at the pool
-    assert await second is True
+    assert first.woken.is_set()
+    assert not second.woken.is_set()
+    waits[0].cancel()  # gone before it could look at the pool
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await waits[0]
+    pool.leave(first)
+    assert await waits[1] is True
+    pool.leave(second)
 
 
 async def test_tickets_entering_while_the_agent_looks_are_not_missed():
+    """A wake that comes while the waiter looks at the pool makes it look again at once, and
+    it is not given to a younger waiter."""
     pool = live.pool()
-    since = pool.mark()
-    pool.wake(1)  # a notification during the caller's top-up
     deadline = asyncio.get_running_loop().time() + 30
-    assert await asyncio.wait_for(pool.wait(0.0, since, deadline), 1) is True
+    looking, younger = pool.join(), pool.join()
+    younger_wait = asyncio.create_task(pool.wait(younger, deadline))
+    await until(lambda: len(pool.waiting) == 1)
+    pool.wake(1)  # a notification during the older one's top-up
+    assert not younger.woken.is_set()
+    assert await asyncio.wait_for(pool.wait(looking, deadline), 1) is True
+    pool.leave(looking)
+    younger_wait.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await younger_wait
+    pool.leave(younger)
+    assert pool.queue == []
 
 
 def _listener_role(action: str) -> None:

@@ -45,21 +45,23 @@ class AgentTicketsView(APIView):
     async def get(self, request):
         if "wait" not in request.query_params:
             return await self.in_thread(self._fetch, request)
-        # Marked before the first look at the pool: tickets entering it meanwhile are not
+        # Joined before the first look at the pool: tickets entering it meanwhile are not
         # missed (support.live). Waiting holds no thread, and each hop gives its connection
         # back when it ends.
         pool = live.pool()
-        arrived = asyncio.get_running_loop().time()
-        since = pool.mark()
-        response = await self.in_thread(self._fetch_waiting, request)
-        deadline = arrived + self._wait
-        while not response.data:
-            release_request_thread()
-            if not await pool.wait(arrived, since, deadline):
-                break
-            since = pool.mark()
-            response = await self.then_in_thread(self._fetch, request)
-        return response
+        waiter = pool.join()
+        try:
+            deadline = asyncio.get_running_loop().time()
+            response = await self.in_thread(self._fetch_waiting, request)
+            deadline += self._wait
+            while not response.data:
+                release_request_thread()
+                if not await pool.wait(waiter, deadline):
+                    break
+                response = await self.then_in_thread(self._fetch, request)
+            return response
+        finally:
+            pool.leave(waiter)
 
     def _fetch_waiting(self, request):
         query = AgentFetchQuerySerializer(data=request.query_params)
