@@ -26,6 +26,8 @@ import asyncio
 import logging
 import math
 import random
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import dj_database_url
@@ -86,6 +88,8 @@ class Pool:
         self._task: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None  # for the fallback's pool looks
         self._warned = -math.inf
+        self.stopping = False
+        on_stop(self._stopping)
 
     # --- the waiters' side (on the loop) ------------------------------------------------------
     def join(self) -> Waiter:
@@ -104,7 +108,10 @@ class Pool:
 
     async def wait(self, waiter: Waiter, deadline: float) -> bool:
         """Wait until tickets may be there for ``waiter`` (True) or ``deadline`` (False, on
-        the event loop's clock). Holds nothing but the waiter's place."""
+        the event loop's clock; also once the worker is stopping). Holds nothing but the
+        waiter's place."""
+        if self.stopping:
+            return False
         if not waiter.woken.is_set():
             waiter.asleep = True
             obs.WAITING_AGENTS.inc()
@@ -118,7 +125,14 @@ class Pool:
                 waiter.asleep = False
                 obs.WAITING_AGENTS.dec()
         waiter.woken.clear()
-        return True
+        return not self.stopping
+
+    def _stopping(self) -> None:
+        """The worker was told to stop: every waiter answers now (what it holds, nothing)
+        instead of holding the server's graceful shutdown; clients ask again elsewhere."""
+        self.stopping = True
+        for waiter in self.queue:
+            waiter.woken.set()
 
     @property
     def waiting(self) -> list[Waiter]:
@@ -217,6 +231,26 @@ def _open_count_through_app() -> int:
     finally:
         close_old_connections()
         connections["default"].close()
+
+
+def on_stop(callback) -> None:
+    """Call ``callback`` on the event loop when this process is told to stop (SIGTERM or
+    SIGINT, before uvicorn's own handler starts its graceful shutdown, which waits for open
+    requests): long waits and streams end at once rather than being cut off after it."""
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):  # not serving (default or ignored): leave it alone
+            continue
+
+        def handler(signum, frame, previous=previous):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 _pools: dict[asyncio.AbstractEventLoop, Pool] = {}

@@ -1,8 +1,10 @@
 """Wait for work: GET /api/agent/tickets/?wait=N (support.live)."""
 
 import asyncio
+import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
@@ -341,3 +343,28 @@ def test_a_client_that_goes_away_while_waiting_leaves_nothing_behind(agent):
         )
         assert r.status_code == 200
         assert r.json() == []
+
+
+def test_a_stopping_worker_answers_its_waiters_at_once(agent):
+    """SIGTERM (a restart): waiting fetches are answered with what they hold (nothing) at
+    once instead of holding uvicorn's graceful shutdown and being cut off after it."""
+    with run_uvicorn(workers=1, env={"METRICS_PUBLIC": "1"}) as server:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            headers = {"Authorization": f"Token {agent.token}"}
+
+            def fetch():
+                start = time.monotonic()
+                r = client.get("/api/agent/tickets/?wait=60", headers=headers)
+                return r, time.monotonic() - start
+
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(fetch)
+                _eventually(lambda: _waiting_agents(server) == 1)
+                stopped_at = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+                r, _ = answer.result(timeout=15)
+                answered_in = time.monotonic() - stopped_at
+        assert r.status_code == 200
+        assert r.json() == []
+        assert answered_in < 5
+        server.proc.wait(timeout=15)
