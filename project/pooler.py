@@ -4,13 +4,14 @@ In transaction pooling PgBouncer lends a server session to a client for one tran
 the next transaction of the same client may run on another one. So the app keeps nothing in a
 session through it:
 
-- **No server-side prepared statements.** psycopg prepares a query on the server after
-  ``prepare_threshold`` executions; the next execution on another server session fails
-  (``prepared statement "_pg3_0" does not exist``: PgBouncer 1.18 does not track them).
-  Django's backend turns them off unless ``OPTIONS`` says otherwise; the settings say it again
-  (``prepare_threshold=None``). ``support.prepared`` only caches the compiled SQL in the
-  process: its queries are sent like any other. Server-side *binding* (unnamed statements,
-  parsed and run in one exchange) would be safe, but is not used either.
+- **No server-side prepared statements.** With server-side binding psycopg prepares a query
+  on the server after ``prepare_threshold`` executions, and an execution lent another server
+  session then fails (``prepared statement "_pg3_0" does not exist``: PgBouncer 1.18 does not
+  track them). Django's cursors bind parameters on the client (psycopg's ``ClientCursor``,
+  which never prepares), and Django sets ``prepare_threshold=None`` unless ``OPTIONS`` says
+  otherwise; the settings say None again, so that ``server_side_binding`` could not bring
+  prepares back. ``support.prepared`` only caches the compiled SQL in the process: its queries
+  are sent like any other.
 - **No server-side cursors**: ``QuerySet.iterator()`` would DECLARE a cursor WITH HOLD in one
   transaction and FETCH from it in the next; ``DISABLE_SERVER_SIDE_CURSORS`` makes it fetch
   in chunks without one.

@@ -128,8 +128,9 @@ def database_config(url: str, pooler: str = "none") -> dict:
         }
         if pooler == "pgbouncer":
             # Each transaction may run on another server session: no statement prepared in
-            # one (Django's default too, said here so that it stays so), no cursor kept
-            # open across transactions (QuerySet.iterator() fetches in chunks without one).
+            # one (Django's client-side binding never prepares; None is Django's default too,
+            # said here so that server_side_binding could not bring prepares back), no cursor
+            # kept open across transactions (QuerySet.iterator() fetches in chunks without one).
             config["OPTIONS"]["prepare_threshold"] = None
             config["DISABLE_SERVER_SIDE_CURSORS"] = True
         else:

@@ -61,6 +61,7 @@ from tests.servers import (
     ROOT,
     Server,
     psycopg_conninfo,
+    release_test_connections,
     run_uvicorn,
     serve_process,
     stop_process,
@@ -80,6 +81,7 @@ LOCK_TIMEOUT_MS = 1000
 STATEMENT_TIMEOUT_MS = 6000
 POOL_SIZE = 4  # PgBouncer's server connections for (database, role)
 APP_POOL = 4  # DB_POOL_MAX_SIZE: each worker's client connections to PgBouncer
+POOL_TIMEOUT = 5  # DB_POOL_TIMEOUT, seconds
 WORKERS = 2  # per instance
 # As written in the README's blocks and deploy/nginx-scale-out.conf (production names).
 README_ROLE = "ALTER ROLE support IN DATABASE support"
@@ -323,6 +325,7 @@ def two_hosts(django_db_setup, tmp_path_factory) -> Iterator[TwoHosts]:
             DB_LOCK_TIMEOUT_MS=str(LOCK_TIMEOUT_MS),
             DB_STATEMENT_TIMEOUT_MS=str(STATEMENT_TIMEOUT_MS),
             DB_POOL_MAX_SIZE=str(APP_POOL),
+            DB_POOL_TIMEOUT=str(POOL_TIMEOUT),
         )
         pg_log_start = pg_log.stat().st_size
         a = stack.enter_context(run_uvicorn(workers=WORKERS, env=host_env))
@@ -418,11 +421,13 @@ THREADS, THREAD_ROUNDS = 7, 8  # through nginx
 
 
 def test_repeated_and_concurrent_requests_all_go_through_pgbouncer(two_hosts):
-    """The same statements many more times than psycopg's prepare threshold (5), on both
-    hosts, one at a time and then concurrently through nginx: every request succeeds, no log
-    mentions a prepared statement, and PgBouncer's console shows the traffic: its transaction
-    count, client connections from both hosts' workers, at most POOL_SIZE server connections.
-    PostgreSQL sees the app's role only through PgBouncer (and listening connections)."""
+    """The same statements many times on each worker's connections, on both hosts, one at a
+    time and then concurrently through nginx: every request succeeds and no log mentions a
+    prepared statement (with server-side binding and psycopg's threshold of 5 executions,
+    these requests answer 500: the statement prepared on one server session is missing on
+    the next). PgBouncer's console shows the traffic: its transaction count, client
+    connections from both hosts' workers, at most POOL_SIZE server connections; PostgreSQL
+    sees the app's role only through PgBouncer (and listening connections)."""
     admin = create_user(staff=True)
     agents = [create_user(agent=True) for _ in range(THREADS + 1)]
     tickets = create_tickets(admin, 150, description="scale out")
@@ -538,6 +543,59 @@ def test_the_roles_timeouts_hold_through_pgbouncer(two_hosts):
     assert response.status_code == 200
     assert len(response.json()) == 15
     assert_invariants()
+
+
+RECOVERY = 3.0  # seconds after PostgreSQL is back by which every request is served again
+
+
+def test_postgres_restarted_behind_pgbouncer_serves_again_without_restarting_anything(two_hosts):
+    """PostgreSQL down 1.5 s and back, under requests through nginx to both hosts: no request
+    hangs (at worst a 503 after the pool timeout), and every request that ends RECOVERY
+    seconds after the database is back is served, without restarting PgBouncer or the hosts.
+    PgBouncer tries to log in again every server_login_retry (1 s in deploy/pgbouncer.ini;
+    with its default, 15 s, this fails: requests answer 503 for the whole 15 s)."""
+    cluster = test_settings.CLUSTER
+    admin = create_user(staff=True)
+    release_test_connections()
+    calls: list[tuple[float, float, int]] = []  # (start, end, status)
+    stop = threading.Event()
+
+    def load() -> None:
+        with two_hosts.client("nginx", admin.token, timeout=30) as client:
+            while not stop.is_set():
+                start = time.time()
+                try:
+                    status = client.get("/api/tickets/?page_size=5").status_code
+                except httpx.TransportError:
+                    status = 0
+                calls.append((start, time.time(), status))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        cluster.stop("fast")
+        time.sleep(1.5)
+        cluster.start()  # pg_ctl -w: returns once the server accepts connections
+        up = time.time()
+        time.sleep(RECOVERY + 2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert {status for _, _, status in calls} <= {200, 503}, calls
+    slowest = max(end - start for start, end, _ in calls)
+    assert slowest < POOL_TIMEOUT + 3, f"a request took {slowest:.2f}s"
+    late = [c for c in calls if c[1] > up + RECOVERY]
+    assert len(late) >= 20, "too little load after the restart"
+    assert all(status == 200 for _, _, status in late), [c for c in late if c[2] != 200][:5]
+    first_ok = min(end for _, end, status in calls if status == 200 and end > up)
+    print(f"\nrestart behind PgBouncer: first success {first_ok - up:.2f}s after the database")
+    assert two_hosts.a.proc.poll() is None
+    assert two_hosts.b.proc.poll() is None
+    assert two_hosts.pgbouncer.proc.poll() is None
 
 
 # --- a host's start --------------------------------------------------------------------------
