@@ -220,15 +220,15 @@ def _certificate(folder: Path) -> Path:
     return tls
 
 
-def _nginx_config(folder: Path, a: Server, b: Server, ports: dict[str, int]) -> tuple[Path, Path]:
-    """deploy/nginx-scale-out.conf with the instances, the certificate and the ports filled in
-    (each exactly once), under a test-only main config with an access log of the upstream
-    each request went to. Returns the main config and the certificate's folder."""
+def _nginx_config(folder: Path, hosts: tuple[int, int], ports: dict[str, int]) -> tuple[Path, Path]:
+    """deploy/nginx-scale-out.conf with the two hosts' ports, a certificate and the listen
+    ports filled in (each exactly once), under a test-only main config with an access log of
+    the upstreams each request went to. Returns the main config and the certificate's folder."""
     tls = _certificate(folder)
     site = SITE.read_text()
     replacements = {
-        f"server {PROD_HOSTS[0]} ": f"server 127.0.0.1:{a.port} ",
-        f"server {PROD_HOSTS[1]} ": f"server 127.0.0.1:{b.port} ",
+        f"server {PROD_HOSTS[0]} ": f"server 127.0.0.1:{hosts[0]} ",
+        f"server {PROD_HOSTS[1]} ": f"server 127.0.0.1:{hosts[1]} ",
         PROD_TLS_DIR + "fullchain.pem": f"{tls}/fullchain.pem",
         PROD_TLS_DIR + "privkey.pem": f"{tls}/privkey.pem",
         "listen 80;": f"listen 127.0.0.1:{ports['redirect']};",
@@ -260,6 +260,14 @@ http {{
 """
     )
     return main, tls
+
+
+def run_nginx(config: Path, port: int):
+    """nginx in the foreground with ``config`` (its folder as prefix), answering on ``port``."""
+    folder = config.parent
+    command = [NGINX, "-p", f"{folder}/", "-c", str(config)]
+    command += ["-g", f"daemon off; pid {folder}/nginx.pid; error_log stderr;"]
+    return serve_process(command, port=port, env={}, workers=1, label="nginx")
 
 
 @pytest.fixture(scope="module")
@@ -331,12 +339,8 @@ def two_hosts(django_db_setup, tmp_path_factory) -> Iterator[TwoHosts]:
         a = stack.enter_context(run_uvicorn(workers=WORKERS, env=host_env))
         b = stack.enter_context(run_uvicorn(workers=WORKERS, env=host_env))
         ports = {"plain": free_port(), "tls": free_port(), "redirect": free_port()}
-        nginx_conf, tls_dir = _nginx_config(folder, a, b, ports)
-        command = [NGINX, "-p", f"{folder}/", "-c", str(nginx_conf)]
-        command += ["-g", f"daemon off; pid {folder}/nginx.pid; error_log stderr;"]
-        nginx = stack.enter_context(
-            serve_process(command, port=ports["plain"], env={}, workers=1, label="nginx")
-        )
+        nginx_conf, tls_dir = _nginx_config(folder, (a.port, b.port), ports)
+        nginx = stack.enter_context(run_nginx(nginx_conf, ports["plain"]))
         pgbouncer_dsn = bouncer.dsn(dbname, user=ROLE, password=password)
         yield TwoHosts(
             a=a,
@@ -596,6 +600,40 @@ def test_postgres_restarted_behind_pgbouncer_serves_again_without_restarting_any
     assert two_hosts.a.proc.poll() is None
     assert two_hosts.b.proc.poll() is None
     assert two_hosts.pgbouncer.proc.poll() is None
+
+
+def test_a_host_that_is_down_costs_nginx_three_tries_then_is_left_out(two_hosts, tmp_path):
+    """The same site with its second host down (nothing listens on its port): every request,
+    POSTs included, is served by the first host; nginx tries the dead one max_fails (3) times,
+    retrying each of those requests on the live host, then leaves it out for fail_timeout."""
+    admin = create_user(staff=True)
+    down = free_port()
+    ports = {"plain": free_port(), "tls": free_port(), "redirect": free_port()}
+    config, _ = _nginx_config(tmp_path, (two_hosts.a.port, down), ports)
+    statuses = []
+    with (
+        run_nginx(config, ports["plain"]) as nginx,
+        httpx.Client(
+            base_url=nginx.base_url, headers={"Authorization": f"Token {admin.token}"}, timeout=15
+        ) as client,
+    ):
+        for n in range(20):  # a POST first: it meets the dead host (round robin)
+            statuses.append(
+                client.post("/api/tickets/", json={"title": f"failover {n}"}).status_code
+            )
+            statuses.append(client.get("/api/tickets/").status_code)
+    assert statuses == [201, 200] * 20
+    assert Ticket.objects.filter(title__startswith="failover ").count() == 20
+    lines = [line for line in (tmp_path / "access.log").read_text().splitlines() if "/api/" in line]
+    assert len(lines) == 40
+    tried_down = [line for line in lines if f"127.0.0.1:{down}" in line]
+    assert 1 <= len(tried_down) <= 3, tried_down
+    assert any('"POST ' in line for line in tried_down), tried_down  # never sent: safe
+    # each of those went on to the live host: "<down>, <live>"
+    assert all(
+        line.split(" ", 2)[:2] == [f"127.0.0.1:{down},", f"127.0.0.1:{two_hosts.a.port}"]
+        for line in tried_down
+    ), tried_down
 
 
 # --- a host's start --------------------------------------------------------------------------
