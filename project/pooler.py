@@ -29,7 +29,7 @@ session through it:
   Django's ``SET TIME ZONE`` on a new connection (when the server's TimeZone is not UTC) is
   safe: PgBouncer tracks TimeZone and sets it on whichever server session it lends.
 
-Why role defaults rather than ``SET LOCAL`` in every transaction: a good half of the service's
+Why role defaults rather than ``SET LOCAL`` in every transaction: many of the service's
 statements run outside any transaction (the token check, an agent's poll at the cap, the
 lists), where ``SET LOCAL`` does nothing; wrapping each in ``BEGIN; SET LOCAL ...; COMMIT``
 would add round trips to every request (the hot poll is one statement today), and a path that
