@@ -4,7 +4,9 @@ One entry point, so that nothing depends on the order of a recipe's steps:
 
 1. the settings are read (a bad value stops here, before anything runs);
 2. migrations run, in a process of their own without a statement timeout (an index build may
-   take long), unless ``--no-migrate``;
+   take long), unless ``--no-migrate``; through PgBouncer (``DB_POOLER=pgbouncer``) on the
+   direct connection, and then the role's timeouts are read through PgBouncer: a start whose
+   role disagrees with the settings stops here (project/pooler.py);
 3. the metrics folder is made ready: with several workers each one writes its samples to a
    folder they share and every scrape adds them all up (prometheus-client's multiprocess mode);
    without one, each scrape would show one worker's share. ``PROMETHEUS_MULTIPROC_DIR`` names
@@ -56,9 +58,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _migrate() -> None:
-    """``migrate`` in a process of its own; its output becomes one log record."""
+def _migrate(settings) -> None:
+    """``migrate`` in a process of its own; its output becomes one log record. Through
+    PgBouncer it runs on the direct connection instead (SUPPORT_LISTEN_DATABASE_URL): its
+    statement timeout must be off, which only a session of its own can say."""
     env = {**os.environ, "DB_STATEMENT_TIMEOUT_MS": "0"}
+    if settings.DB_POOLER == "pgbouncer":
+        env.update(DATABASE_URL=settings.SUPPORT_LISTEN_DATABASE_URL, DB_POOLER="none")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its metrics are not the server's
     command = [sys.executable, "-m", "django", "migrate", "--noinput"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)  # noqa: S603
@@ -68,6 +74,24 @@ def _migrate() -> None:
         raise SystemExit(done.returncode)
     applied = [line.split()[1].rstrip(".") for line in output.splitlines() if "Applying" in line]
     log.info("migrations done", extra={"applied": applied})
+
+
+def _check_pooler(settings) -> None:
+    """Through PgBouncer the timeouts are the role's (project/pooler.py): a start whose role
+    says otherwise than DB_LOCK_TIMEOUT_MS / DB_STATEMENT_TIMEOUT_MS, or that cannot read them,
+    stops here (as a start whose migrations fail does)."""
+    if settings.DB_POOLER != "pgbouncer":
+        return
+    from project import pooler
+
+    problems = pooler.session_settings_problems()
+    if problems:
+        log.critical(
+            "the database sessions behind the pooler do not have the service's timeouts",
+            extra={"problems": problems, "fix": pooler.fix_sql(), "then": "RECONNECT"},
+        )
+        raise SystemExit(2)
+    log.info("pooler: session settings verified", extra=pooler.expected_session_settings())
 
 
 def _metrics_folder(workers: int) -> tuple[str | None, object]:
@@ -144,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.excepthook = lambda *exc_info: log.critical("start failed", exc_info=exc_info)
     _stop_on_sigterm()
     if args.migrate:
-        _migrate()
+        _migrate(settings)
+    _check_pooler(settings)
     made, _lock = _metrics_folder(args.workers)
     if args.uds:
         _clear_stale_socket(args.uds)

@@ -84,19 +84,30 @@ DB_POOL_TIMEOUT = env_float("DB_POOL_TIMEOUT", 5.0, minimum=0.1)
 DB_CONNECT_TIMEOUT = env_int("DB_CONNECT_TIMEOUT", 3, minimum=1)
 DB_LOCK_TIMEOUT_MS = env_int("DB_LOCK_TIMEOUT_MS", 3000, minimum=0)
 DB_STATEMENT_TIMEOUT_MS = env_int("DB_STATEMENT_TIMEOUT_MS", 15000, minimum=0)
+# A session idle inside a transaction this long is ended by PostgreSQL (not a setting: a request
+# never leaves its transaction idle).
+DB_IDLE_IN_TRANSACTION_TIMEOUT_MS = 60000
 SQLITE_BUSY_TIMEOUT = env_float("SQLITE_BUSY_TIMEOUT", 20.0, minimum=0)
 # Threads per process for the requests' blocking work (project/handler.py): more than the
 # database pool's connections would only wait for one.
 SUPPORT_REQUEST_THREADS = env_int("SUPPORT_REQUEST_THREADS", DB_POOL_MAX_SIZE, minimum=1)
+# What DATABASE_URL reaches: PostgreSQL itself ("none") or PgBouncer in transaction pooling
+# ("pgbouncer"): no session state then, the timeouts come from the role (project/pooler.py).
+DB_POOLER = env_str("DB_POOLER", "none")
+if DB_POOLER not in ("none", "pgbouncer"):
+    raise ImproperlyConfigured(f"DB_POOLER must be none or pgbouncer, got {DB_POOLER!r}")
 
 
-def database_config(url: str) -> dict:
+def database_config(url: str, pooler: str = "none") -> dict:
     """Turn DATABASE_URL into Django's settings for the two supported engines.
 
     PostgreSQL goes through Django's psycopg 3 pool (CONN_MAX_AGE must stay 0 with a pool):
     at most DB_POOL_MAX_SIZE server connections per process, however many requests run.
     Its backend (``project.postgresql``) checks each connection on checkout itself and
-    recovers from a restart or a mass disconnect at once (the module says how).
+    recovers from a restart or a mass disconnect at once (the module says how). Directly on
+    PostgreSQL, the timeouts are set for each session at connection start; through PgBouncer
+    (``pooler="pgbouncer"``) they are the role's, and nothing relies on a session
+    (project/pooler.py says what and why).
     SQLite runs write transactions as BEGIN IMMEDIATE, so they serialize and the
     assignment guarantees hold without row locks.
     """
@@ -113,14 +124,24 @@ def database_config(url: str) -> dict:
                 "timeout": DB_POOL_TIMEOUT,
             },
             "connect_timeout": DB_CONNECT_TIMEOUT,
-            "options": (
-                f"-c lock_timeout={DB_LOCK_TIMEOUT_MS}"
-                f" -c statement_timeout={DB_STATEMENT_TIMEOUT_MS}"
-                " -c idle_in_transaction_session_timeout=60000"
-            ),
             "application_name": "support-tickets",
         }
+        if pooler == "pgbouncer":
+            # Each transaction may run on another server session: no statement prepared in
+            # one (Django's client-side binding never prepares; None is Django's default too,
+            # said here so that server_side_binding could not bring prepares back), no cursor
+            # kept open across transactions (QuerySet.iterator() fetches in chunks without one).
+            config["OPTIONS"]["prepare_threshold"] = None
+            config["DISABLE_SERVER_SIDE_CURSORS"] = True
+        else:
+            config["OPTIONS"]["options"] = (
+                f"-c lock_timeout={DB_LOCK_TIMEOUT_MS}"
+                f" -c statement_timeout={DB_STATEMENT_TIMEOUT_MS}"
+                f" -c idle_in_transaction_session_timeout={DB_IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+            )
     elif engine == "django.db.backends.sqlite3":
+        if pooler != "none":
+            raise ImproperlyConfigured(f"DB_POOLER={pooler} needs a PostgreSQL DATABASE_URL")
         config["OPTIONS"] = {
             "transaction_mode": "IMMEDIATE",
             "timeout": SQLITE_BUSY_TIMEOUT,
@@ -132,11 +153,17 @@ def database_config(url: str) -> dict:
 
 
 DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
-DATABASES = {"default": database_config(DATABASE_URL)}
+DATABASES = {"default": database_config(DATABASE_URL, DB_POOLER)}
 # Each worker's one listening connection (support.live: LISTEN needs a session of its own, so
 # it goes to PostgreSQL directly when DATABASE_URL goes through PgBouncer). Unset: the
-# database of DATABASE_URL, as the app connects to it.
+# database of DATABASE_URL, as the app connects to it. With DB_POOLER=pgbouncer it must be
+# given, and the migrations use it too (project.serve).
 SUPPORT_LISTEN_DATABASE_URL = env_str("SUPPORT_LISTEN_DATABASE_URL") or ""
+if DB_POOLER == "pgbouncer" and SUPPORT_LISTEN_DATABASE_URL in ("", DATABASE_URL):
+    raise ImproperlyConfigured(
+        "DB_POOLER=pgbouncer: set SUPPORT_LISTEN_DATABASE_URL to PostgreSQL itself (not "
+        "PgBouncer): LISTEN and the migrations need a session of their own"
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth -----------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ ensure_venv requirements/dev.txt
 
 source scripts/system.sh
 ensure_postgresql
-# Debian's nginx (the deployment test), chromium (the admin-site browser test; Playwright
-# drives it with executable_path=/usr/bin/chromium and downloads no browser of its own) and
-# wrk (the benchmark's smoke test).
+# Debian's nginx (the deployment test), pgbouncer (the scale-out test), chromium (the
+# admin-site browser test; Playwright drives it with executable_path=/usr/bin/chromium and
+# downloads no browser of its own) and wrk (the benchmark's smoke test).
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v wrk >/dev/null || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then

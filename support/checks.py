@@ -60,3 +60,18 @@ def session_work_stays_in_threads(app_configs, **kwargs):
     if settings.CSRF_USE_SESSIONS:
         errors.append(Error("CSRF_USE_SESSIONS is not supported.", id="support.E002"))
     return errors
+
+
+@register(Tags.database, deploy=True)
+def pooler_session_settings(app_configs, **kwargs):
+    """Through PgBouncer the timeouts are the role's defaults (project/pooler.py): read them
+    through it and compare them with DB_LOCK_TIMEOUT_MS / DB_STATEMENT_TIMEOUT_MS."""
+    if settings.DB_POOLER != "pgbouncer":
+        return []
+    from project import pooler
+
+    hint = f"On PostgreSQL: {pooler.fix_sql()} Then RECONNECT on PgBouncer's console."
+    return [
+        Error(problem, hint=hint, id="support.E003")
+        for problem in pooler.session_settings_problems()
+    ]
