@@ -60,6 +60,10 @@ AGENT_LOCK_WAIT = Histogram(
 LOCK_TIMEOUTS = Counter(
     "support_lock_timeouts_total", "Requests that gave up waiting for a database lock"
 )
+IDLE_RELEASED = Counter(
+    "support_idle_released_tickets_total",
+    "Assigned tickets returned to the pool because their agent was silent too long",
+)
 
 
 def log_event(message: str, **fields) -> None:

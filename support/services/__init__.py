@@ -10,6 +10,7 @@ is support.rules; how the services take their locks is support.services.locks.
 - ``locks``: the lock contract and the helpers that take the locks;
 - ``records``: the one writer of a ticket's status and holder and of its history;
 - ``agent_work``: the agent's fetch (top-up), its moves, releases;
+- ``idle_release``: the assigned tickets of agents silent too long, back to the pool;
 - ``admin_tickets``: an admin's create, edit and delete;
 - ``agents``: creating, deactivating and reactivating agents.
 """
@@ -38,6 +39,7 @@ from support.services.errors import (
     ServiceError,
     TransitionNotAllowed,
 )
+from support.services.idle_release import Sweep, idle_agents_release
 from support.services.selectors import (
     ROW_FIELDS,
     User,
@@ -72,6 +74,7 @@ __all__ = [
     "NotAnAgent",
     "NotFound",
     "ServiceError",
+    "Sweep",
     "TransitionNotAllowed",
     "User",
     "agent_create",
@@ -85,6 +88,7 @@ __all__ = [
     "held_count",
     "held_query",
     "held_tickets",
+    "idle_agents_release",
     "is_agent_expr",
     "keyset_page",
     "list_count",
