@@ -9,7 +9,7 @@ is support.rules; how the services take their locks is support.services.locks.
   admin list's counts and pages);
 - ``locks``: the lock contract and the helpers that take the locks;
 - ``records``: the one writer of a ticket's status and holder and of its history;
-- ``agent_work``: the agent's fetch (top-up), its moves, releases;
+- ``agent_work``: the agent's fetch (top-up), its moves, its hand-backs, releases;
 - ``idle_release``: the assigned tickets of agents silent too long, back to the pool;
 - ``admin_tickets``: an admin's create, edit and delete;
 - ``agents``: creating, deactivating and reactivating agents.
@@ -18,6 +18,7 @@ is support.rules; how the services take their locks is support.services.locks.
 from support.services.admin_tickets import ticket_create, ticket_delete, ticket_update
 from support.services.agent_work import (
     agent_release_tickets,
+    ticket_release_by_agent,
     ticket_transition_by_agent,
     tickets_top_up,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "ticket_history",
     "ticket_holder",
     "ticket_page",
+    "ticket_release_by_agent",
     "ticket_row",
     "ticket_rows",
     "ticket_transition_by_agent",
