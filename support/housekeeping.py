@@ -61,7 +61,7 @@ def _start() -> None:
 async def _run() -> None:
     loop = asyncio.get_running_loop()
     next_flush = _later(settings.SUPPORT_PRESENCE_FLUSH_SECONDS)
-    next_sweep = _later(_sweep_every()) if _sweep_every() else None
+    next_sweep = _first_sweep() if _sweep_every() else None
     while True:
         wake = next_flush if next_sweep is None else min(next_flush, next_sweep)
         await asyncio.sleep(max(0.0, wake - time.monotonic()))
@@ -69,7 +69,7 @@ async def _run() -> None:
         if not sweep_every:
             next_sweep = None
         elif next_sweep is None:  # turned on since the last tick
-            next_sweep = _later(sweep_every)
+            next_sweep = _first_sweep()
         if next_sweep is not None and time.monotonic() >= next_sweep:
             await loop.run_in_executor(_executor, _job, flush_and_sweep)
             next_sweep = _later(sweep_every)
@@ -82,6 +82,13 @@ async def _run() -> None:
 def _later(seconds: float) -> float:
     """When to run next: ``seconds`` from now, give or take JITTER."""
     return time.monotonic() + seconds * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311
+
+
+def _first_sweep() -> float:
+    """A worker's first sweep waits two flush intervals at least: after a restart (the marks
+    in memory lost), the workers started with it have written their agents' presence by then,
+    so that an agent is not judged on what the database knew before the restart."""
+    return _later(max(_sweep_every(), 2 * settings.SUPPORT_PRESENCE_FLUSH_SECONDS))
 
 
 def _sweep_every() -> float:
