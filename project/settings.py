@@ -260,6 +260,29 @@ SUPPORT_AGENTS_GROUP = "agents"
 # The admin list counts a filter other than status only up to this many tickets
 # (support.services.selectors.list_count): past it the answer says "at least this many".
 SUPPORT_LIST_COUNT_LIMIT = env_int("SUPPORT_LIST_COUNT_LIMIT", 1_000, minimum=1)
+# Idle release (README "Idle release and hand-back"): the assigned tickets of an agent silent
+# for longer than this go back to the pool (support.services.idle_release). 0 or unset: off.
+SUPPORT_AGENT_IDLE_RELEASE_SECONDS = env_int("SUPPORT_AGENT_IDLE_RELEASE_SECONDS", 0, minimum=0)
+# How often each worker writes its agents' presence, one batched upsert (support.presence):
+# the database sees a request up to this late. Recorded whether idle release is on or not,
+# so that turning it on finds every agent's presence already there.
+SUPPORT_PRESENCE_FLUSH_SECONDS = env_float(
+    "SUPPORT_PRESENCE_FLUSH_SECONDS",
+    min(30.0, SUPPORT_AGENT_IDLE_RELEASE_SECONDS / 4)
+    if SUPPORT_AGENT_IDLE_RELEASE_SECONDS
+    else 30.0,
+    minimum=0.05,
+)
+if SUPPORT_AGENT_IDLE_RELEASE_SECONDS and (
+    SUPPORT_PRESENCE_FLUSH_SECONDS * 2 > SUPPORT_AGENT_IDLE_RELEASE_SECONDS
+):
+    raise ImproperlyConfigured(
+        "SUPPORT_PRESENCE_FLUSH_SECONDS must be at most half of "
+        "SUPPORT_AGENT_IDLE_RELEASE_SECONDS: a request reaches the database up to one flush "
+        "interval late, so agents polling more often than (idle - flush) seconds keep their "
+        f"tickets; got flush {SUPPORT_PRESENCE_FLUSH_SECONDS}, idle "
+        f"{SUPPORT_AGENT_IDLE_RELEASE_SECONDS}"
+    )
 # Wait for work (GET /api/agent/tickets/?wait=N): the longest wait a request may ask for, and
 # how often waiters look at the pool while their worker's listening connection is down.
 SUPPORT_WAIT_MAX_SECONDS = 60

@@ -129,6 +129,14 @@ class TicketEvent(models.Model):
         EDITED = "edited"  # title, description or priority
         DELETED = "deleted"
 
+    class Reason(models.TextChoices):
+        """Why a ticket went back to the pool, when the service or the agent sent it there:
+        ``changes["reason"]`` of a ``released`` event (an admin's release and a deactivation
+        carry none)."""
+
+        AGENT_IDLE = "agent_idle"  # its agent was silent too long
+        RELEASED_BY_AGENT = "released_by_agent"  # handed back by its agent
+
     ticket = models.ForeignKey(
         Ticket,
         on_delete=models.DO_NOTHING,
@@ -150,7 +158,8 @@ class TicketEvent(models.Model):
         blank=True,
         related_name="ticket_events",
     )
-    # {"field": [old, new]} in the API's terms (priority by name, assigned_to by user id).
+    # {"field": [old, new]} in the API's terms (priority by name, assigned_to by user id);
+    # a release may add {"reason": <Reason>}.
     changes = models.JSONField(default=dict, blank=True)
 
     class Meta:
@@ -176,3 +185,29 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"token of user {self.user_id}, expires {self.expires_at:%Y-%m-%d %H:%M}"
+
+
+class AgentPresence(models.Model):
+    """When an agent was last seen making a request (support.presence).
+
+    Written in batches, not per request: each worker process keeps its agents' latest request
+    times in memory and writes them in one upsert per flush interval
+    (SUPPORT_PRESENCE_FLUSH_SECONDS), so an agent costs at most one write per interval per
+    process, and this row may lag its latest request by that much. Read by the idle release
+    (support.services.idle_release). Outside the lock contract: only a flush locks its rows,
+    for one statement.
+    """
+
+    agent = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        primary_key=True,
+        related_name="presence",
+    )
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        db_table = "support_agent_presence"
+
+    def __str__(self) -> str:
+        return f"agent {self.agent_id} last seen {self.last_seen:%Y-%m-%d %H:%M:%S}"

@@ -70,6 +70,10 @@ POOL_LISTENING = Gauge(
     "1 while the worker's listening connection is up (0: its waiters poll the pool)",
     multiprocess_mode="liveall",
 )
+IDLE_RELEASED = Counter(
+    "support_idle_released_tickets_total",
+    "Assigned tickets returned to the pool because their agent was silent too long",
+)
 
 
 def log_event(message: str, **fields) -> None:

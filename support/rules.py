@@ -16,8 +16,18 @@ Who moves a ticket:
 - ``AGENT``: the agent holding the ticket, on its own ticket only;
 - ``ADMIN``: an admin's edit (PUT/PATCH, the admin site), which may also give the ticket to
   another agent without a status change (a reassignment is not a move in this table);
-- ``RELEASE``: the service itself, when an agent is deactivated or loses its role: its
-  ``assigned`` tickets go back to the pool.
+- ``RELEASE``: the service itself, when an agent is deactivated or loses its role, or stays
+  silent longer than ``SUPPORT_AGENT_IDLE_RELEASE_SECONDS`` (support.services.idle_release):
+  its ``assigned`` tickets go back to the pool;
+- ``HAND_BACK``: the holder giving one of its ``assigned`` tickets back to the pool
+  (``POST /api/agent/tickets/{id}/release/``).
+
+Why a hand-back is not an ``AGENT`` move: ``AGENT``'s moves are the statuses an agent asks
+for on the move endpoint (``AGENT_TARGETS``, its body's enum), the work done on a ticket it
+keeps. Handing a ticket back is letting go of it, not choosing a status for it; it has an
+operation of its own, and listing it under ``AGENT`` would offer ``open`` on the move endpoint
+too, a second way to do one thing. So it is an actor of its own, like the service's release,
+and the table still says in one row everyone who may put an assigned ticket back in the pool.
 """
 
 from dataclasses import dataclass
@@ -41,6 +51,7 @@ class Actor(StrEnum):
     AGENT = "agent"
     ADMIN = "admin"
     RELEASE = "release"
+    HAND_BACK = "hand-back"
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ def _move(*by: Actor, needs_agent, counts_toward_cap=False, ends_assignment=Fals
     return Move(frozenset(by), needs_agent, counts_toward_cap, ends_assignment)
 
 
-FETCH, AGENT, ADMIN, RELEASE = Actor
+FETCH, AGENT, ADMIN, RELEASE, HAND_BACK = Actor
 OPEN, ASSIGNED, RESOLVED, CLOSED = Status
 
 # (from, to) -> Move. A pair that is not here is no move at all.
@@ -67,8 +78,9 @@ TRANSITIONS: dict[tuple[Status, Status], Move] = {
     # the work: the holder (or an admin for it) resolves, then closes
     (ASSIGNED, RESOLVED): _move(AGENT, ADMIN, needs_agent=True),
     (RESOLVED, CLOSED): _move(AGENT, ADMIN, needs_agent=True),
-    # back to the pool: released by an admin, or by the service when the agent goes away
-    (ASSIGNED, OPEN): _move(ADMIN, RELEASE, needs_agent=False, ends_assignment=True),
+    # back to the pool: released by an admin, by the service when the agent goes away or goes
+    # silent, or handed back by the holder itself
+    (ASSIGNED, OPEN): _move(ADMIN, RELEASE, HAND_BACK, needs_agent=False, ends_assignment=True),
     # an admin's corrections, each with an agent except to open
     (ASSIGNED, CLOSED): _move(ADMIN, needs_agent=True),
     (RESOLVED, ASSIGNED): _move(ADMIN, needs_agent=True, counts_toward_cap=True),
@@ -121,13 +133,12 @@ AGENT_TARGETS: tuple[Status, ...] = tuple(
 
 def table_markdown() -> str:
     """The table as the README prints it (``python -m support.rules`` writes it)."""
-    names = {FETCH: "fetch", AGENT: "agent", ADMIN: "admin", RELEASE: "release"}
     lines = [
         "| from → to | who may | agent after | counts toward the cap | ends the assignment |",
         "|---|---|---|---|---|",
     ]
     for (current, to), m in TRANSITIONS.items():
-        who = ", ".join(names[a] for a in Actor if a in m.by)
+        who = ", ".join(a.value for a in Actor if a in m.by)
         lines.append(
             f"| {current} → {to} | {who} | {'yes' if m.needs_agent else 'no'} "
             f"| {'yes' if m.counts_toward_cap else 'no'} "

@@ -175,6 +175,7 @@ ROUTE_ROLE = {
     "agent-list": "admin",
     "agent-detail": "admin",
     "agent-tickets": "agent",
+    "agent-ticket-release": "agent",
     # admins, and the agent that holds the ticket; another agent is told 404, as for a move
     "ticket-history": "admin or holder",
     "auth-logout": "any user",
@@ -195,6 +196,7 @@ class World:
             kwargs["pk"] = {
                 "agent-detail": self.spare_agent.pk,
                 "ticket-history": self.held_ticket,
+                "agent-ticket-release": self.held_ticket,
             }.get(pattern.name, self.open_ticket)
         return reverse(pattern.name, kwargs=kwargs)
 
@@ -237,6 +239,8 @@ RIGHT_ROLE_CALLS: dict[tuple[str, str], tuple[Body, int]] = {
     ("agent-tickets", "HEAD"): (None, 200),
     ("agent-tickets", "POST"): (lambda w: {"ticket_id": w.held_ticket, "status": "resolved"}, 200),
     ("agent-tickets", "OPTIONS"): (None, 200),
+    ("agent-ticket-release", "POST"): (None, 200),
+    ("agent-ticket-release", "OPTIONS"): (None, 200),
     ("ticket-history", "GET"): (None, 200),
     ("ticket-history", "HEAD"): (None, 200),
     ("ticket-history", "OPTIONS"): (None, 200),

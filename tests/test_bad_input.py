@@ -452,6 +452,14 @@ async def test_path_ids_that_are_out_of_range_or_not_ids_answer_404(admin_client
     await world.assert_unchanged()
 
 
+async def test_release_path_ids_that_are_out_of_range_or_not_ids_answer_404(agent_client, world):
+    for raw in ("99999999999999999999", str(2**63), "999999999999999999", "-1", "0", "abc", "%00"):
+        response = await agent_client.post(f"/api/agent/tickets/{raw}/release/")
+        assert response.status_code == 404, (raw, response.text)
+        assert "detail" in response.json()
+    await world.assert_unchanged()
+
+
 TICKET_ID_BAD = [2**63, 2**64, -1, 0, "abc", "", 1.5, True, False, None, [], {}, "1 2", "1e3"]
 
 
@@ -775,6 +783,8 @@ async def test_wrong_methods_are_refused_with_405(make_client, admin_client, age
         (admin_client, "POST", f"/api/agents/{world.agent.pk}/", None),
         (agent_client, "PUT", "/api/agent/tickets/", "GET, POST, HEAD, OPTIONS"),
         (agent_client, "DELETE", "/api/agent/tickets/", None),
+        (agent_client, "GET", f"/api/agent/tickets/{world.held}/release/", "POST, OPTIONS"),
+        (agent_client, "PUT", f"/api/agent/tickets/{world.held}/release/", "POST, OPTIONS"),
         (make_client(), "GET", "/api/auth/token/", "POST, OPTIONS"),
     ]
     for client, method, url, allow in cases:

@@ -97,6 +97,10 @@ async def test_each_api_request_is_one_call_on_a_reused_thread(make_client, thre
     move = {"ticket_id": held[0]["id"], "status": "resolved"}
     assert (await as_agent.post("/api/agent/tickets/", json=move)).status_code == 200
     assert len(hops) == before + 1
+    before = len(hops)
+    release = f"/api/agent/tickets/{held[1]['id']}/release/"
+    assert (await as_agent.post(release)).status_code == 200
+    assert len(hops) == before + 1
 
     names = {name for name, _ in hops}
     assert all(name.startswith("request") for name in names), names

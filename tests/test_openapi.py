@@ -120,6 +120,11 @@ def test_status_and_priority_are_enums_and_tokens_are_the_security_scheme(schema
             "post",
             {"200", "400", "401", "403", "404", "409", "413", "415", "429", "503"},
         ),
+        (
+            "/api/agent/tickets/{id}/release/",
+            "post",
+            {"200", "401", "403", "404", "409", "429", "503"},
+        ),
     ],
 )
 def test_each_operation_lists_the_answers_it_really_gives(schema, path, method, codes):

@@ -1,6 +1,8 @@
 """The README's curl examples, run as printed against the quick start.
 
-The block after ``<!-- readme-example: curl -->`` is taken from README.md as it is. The quick
+The blocks after each ``<!-- readme-example: curl -->`` are taken from README.md as they are,
+and run in their order as one script (a later section's block continues the session of the
+first: its variables and functions). The quick
 start is set up as scripts/dev.sh does it (debug on, a fresh SQLite file, ``migrate``,
 ``seed_demo``), served by uvicorn on a free port; only the passwords seed_demo printed and the
 port (``localhost:8000``) are put in. bash runs the block with ``set -euo pipefail``, so a
@@ -43,15 +45,20 @@ EXPECTED_CALLS = [
     ("DELETE", "/api/tickets/{id}/", 204),
     ("POST", "/api/agents/", 201),
     ("DELETE", "/api/agents/{id}/", 204),
+    ("POST", "/api/agent/tickets/{id}/release/", 200),  # *Idle release and hand-back*
 ]
 
 
 def readme_block() -> str:
-    text = (ROOT / "README.md").read_text()
-    assert text.count(MARKER) == 1, f"README.md needs exactly one {MARKER}"
-    match = re.match(r"\s*```sh\n(.*?)\n```\n", text.split(MARKER, 1)[1], re.DOTALL)
-    assert match, f"no ```sh block right after {MARKER}"
-    return match[1]
+    """Every block after a marker, in the README's order, as one script."""
+    parts = (ROOT / "README.md").read_text().split(MARKER)[1:]
+    assert parts, f"README.md has no {MARKER}"
+    blocks = []
+    for part in parts:
+        match = re.match(r"\s*```sh\n(.*?)\n```\n", part, re.DOTALL)
+        assert match, f"no ```sh block right after a {MARKER}"
+        blocks.append(match[1])
+    return "\n".join(blocks)
 
 
 def dev_env(database: Path) -> dict[str, str | None]:
@@ -180,6 +187,13 @@ def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
         assert not db.execute(
             "SELECT 1 FROM support_ticket WHERE id = ?", (patched["id"],)
         ).fetchall()
+        # alice handed her second ticket back: in the pool, with its release
+        handed = [a for a in answers if isinstance(a, dict) and a.get("id") == fetched[1]["id"]]
+        assert [(a["status"], a["assigned_to"]) for a in handed] == [("open", None)], report
+        assert event_kinds(db, fetched[1]["id"]) == ["created", "assigned", "released"]
+        assert db.execute(
+            "SELECT status, assigned_to_id FROM support_ticket WHERE id = ?", (fetched[1]["id"],)
+        ).fetchall() == [("open", None)]
         # the new agent, deactivated
         assert db.execute("SELECT is_active FROM auth_user WHERE username = 'dana'").fetchall() == [
             (0,)

@@ -8,7 +8,7 @@ import pytest
 from support import rules
 from support.api import serializers
 from support.models import Ticket
-from support.rules import ADMIN, AGENT, FETCH, RELEASE, Status
+from support.rules import ADMIN, AGENT, FETCH, HAND_BACK, RELEASE, Status
 from tests.conftest import create_held, create_user
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -26,13 +26,14 @@ def test_the_table_is_consistent_with_itself():
         assert move.needs_agent == rules.has_agent(to), (current, to)
         assert move.ends_assignment == (to == Status.OPEN), (current, to)
         assert move.counts_toward_cap == rules.counts_toward_cap(to), (current, to)
-    # the pool is entered only by a fetch or an admin, left only by an admin or a release
+    # the pool is left only by a fetch or an admin, entered only by an admin, a release or a
+    # hand-back
     assert {a for (c, _), m in rules.TRANSITIONS.items() if c == Status.OPEN for a in m.by} == {
         FETCH,
         ADMIN,
     }
     into_pool = {a for (_, t), m in rules.TRANSITIONS.items() if t == Status.OPEN for a in m.by}
-    assert into_pool == {ADMIN, RELEASE}
+    assert into_pool == {ADMIN, RELEASE, HAND_BACK}
 
 
 def test_the_agents_moves_are_the_tables():
@@ -41,6 +42,17 @@ def test_the_agents_moves_are_the_tables():
     assert rules.allowed("closed", AGENT) == ()
     assert rules.allowed("open", AGENT) == ()
     assert rules.AGENT_TARGETS == ("resolved", "closed")
+
+
+def test_an_agent_hands_back_only_an_assigned_ticket_and_only_to_the_pool():
+    # the release endpoint's move: not one of the move endpoint's targets
+    assert rules.allowed("assigned", HAND_BACK) == ("open",)
+    for status in ("open", "resolved", "closed"):
+        assert rules.allowed(status, HAND_BACK) == ()
+    assert "open" not in rules.AGENT_TARGETS
+    assert [pair for pair, m in rules.TRANSITIONS.items() if HAND_BACK in m.by] == [
+        ("assigned", "open")
+    ]
 
 
 def test_models_and_serializers_take_their_choices_from_the_table():

@@ -85,6 +85,16 @@ async def test_a_release_wakes_the_waiter(agent_client, admin_client, admin, oth
     assert [t["id"] for t in r.json()] == [held.pk]
 
 
+async def test_a_hand_back_wakes_the_waiter(agent_client, make_client, admin, other_agent):
+    (held,) = await run_sync(create_held, admin, other_agent, 1)
+    fetch = asyncio.create_task(agent_client.get("/api/agent/tickets/?wait=30"))
+    await waiting(1)
+    r = await make_client(other_agent.token).post(f"/api/agent/tickets/{held.pk}/release/")
+    assert r.status_code == 200
+    r = await fetch
+    assert [t["id"] for t in r.json()] == [held.pk]
+
+
 async def test_the_longest_waiter_is_served_first(make_client, admin_client):
     agents = [await run_sync(create_user, agent=True) for _ in range(3)]
     fetches = []

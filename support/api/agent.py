@@ -1,4 +1,5 @@
-"""Agent endpoints: fetch (with the top-up, and the wait for work) and move one's own tickets."""
+"""Agent endpoints: fetch (with the top-up and the wait for work), move one's own tickets, hand
+one back."""
 
 import asyncio
 
@@ -9,7 +10,7 @@ from rest_framework.response import Response
 from project.handler import release_request_thread
 from support import live, services
 from support.api.auth import IsAgent
-from support.api.schema import TransitionRefusedSerializer, answers, body_errors
+from support.api.schema import ID_PATH, TransitionRefusedSerializer, answers, body_errors
 from support.api.serializers import (
     AgentFetchQuerySerializer,
     AgentTransitionSerializer,
@@ -109,4 +110,35 @@ class AgentTicketsView(APIView):
             ticket_id=serializer.validated_data["ticket_id"],
             to_status=serializer.validated_data["status"],
         )
+        return Response(ticket_json(row))
+
+
+class AgentTicketReleaseView(APIView):
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        operation_id="agent_tickets_release",
+        description=(
+            "Hands a ticket the caller holds in status assigned back to the pool: it becomes "
+            "open, without an agent, with a `released` event whose changes carry "
+            '`"reason": "released_by_agent"`. Answers the ticket as the pool now has it. '
+            "No body. 404 when the ticket does not exist or is not the caller's (as for a move); "
+            "409 when the caller holds it in another status (resolved and closed tickets stay "
+            "with the agent who worked them)."
+        ),
+        request=None,
+        parameters=[ID_PATH],
+        responses={
+            **answers({200: TicketSerializer}, 401, 403, 404),
+            409: OpenApiResponse(
+                TransitionRefusedSerializer,
+                description="The ticket is not in status assigned; `allowed` is empty.",
+            ),
+        },
+    )
+    async def post(self, request, pk):
+        return await self.in_thread(self._release, request, pk)
+
+    def _release(self, request, pk):
+        row = services.ticket_release_by_agent(agent_id=request.user.pk, ticket_id=pk)
         return Response(ticket_json(row))

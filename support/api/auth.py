@@ -5,6 +5,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
+from support import presence
 from support.models import ApiToken
 from support.prepared import Prepared
 from support.services import is_agent_expr
@@ -41,7 +42,8 @@ class TokenAuthentication(authentication.TokenAuthentication):
     One query finds the token by its key's hash, with its user and the user's agent role.
     It runs in the request's one worker-thread hop (``support.api.views.APIView``), before the
     handler's own work, so this stays a plain sync authenticator. The user comes back with the
-    fields the checks read; any other is loaded if asked for.
+    fields the checks read; any other is loaded if asked for. An agent's request marks it
+    present (support.presence: in memory, no statement), whatever the endpoint answers.
     """
 
     def authenticate_credentials(self, key):
@@ -58,6 +60,8 @@ class TokenAuthentication(authentication.TokenAuthentication):
         if not user.is_active:
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
         user.is_agent = is_agent
+        if is_agent:
+            presence.seen(user_id)
         token = ApiToken.from_db(
             "default", ["id", "user_id", "expires_at"], [token_id, user_id, expires_at]
         )
@@ -86,4 +90,6 @@ class IsAgent(permissions.BasePermission):
             return False
         if not hasattr(user, "is_agent"):  # a session user: the role was not read with a token
             user.is_agent = user.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
+            if user.is_agent:  # (a token's agent was marked by the token check)
+                presence.seen(user.pk)
         return user.is_agent

@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from support import rules
@@ -63,6 +64,21 @@ class TicketSerializer(serializers.Serializer):
         }
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": (
+            "field: [old, new] for each changed field; a release by the service or by the "
+            "agent also says why, in `reason`."
+        ),
+        "properties": {"reason": {"type": "string", "enum": TicketEvent.Reason.values}},
+        "additionalProperties": {"type": "array", "items": {}},
+    }
+)
+class EventChangesField(serializers.DictField):
+    """An event's ``changes``: ``{"field": [old, new]}``, and ``reason`` on some releases."""
+
+
 class TicketEventSerializer(serializers.Serializer):
     """One entry of a ticket's history, from a row of ``services.ticket_history``."""
 
@@ -73,9 +89,7 @@ class TicketEventSerializer(serializers.Serializer):
     from_status = serializers.ChoiceField(choices=STATUS_NAMES, read_only=True, allow_null=True)
     to_status = serializers.ChoiceField(choices=STATUS_NAMES, read_only=True, allow_null=True)
     agent = serializers.IntegerField(read_only=True, allow_null=True)
-    changes = serializers.DictField(
-        child=serializers.ListField(), read_only=True, help_text="field: [old, new]"
-    )
+    changes = EventChangesField(read_only=True)
 
     def to_representation(self, row):
         return {

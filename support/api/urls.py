@@ -26,4 +26,9 @@ urlpatterns = [
     path("agents/", admin.AgentListView.as_view(), name="agent-list"),
     path("agents/<id:pk>/", admin.AgentDetailView.as_view(), name="agent-detail"),
     path("agent/tickets/", agent.AgentTicketsView.as_view(), name="agent-tickets"),
+    path(
+        "agent/tickets/<id:pk>/release/",
+        agent.AgentTicketReleaseView.as_view(),
+        name="agent-ticket-release",
+    ),
 ]

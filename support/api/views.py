@@ -9,6 +9,8 @@ from rest_framework import views as drf_views
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
+from support import housekeeping
+
 
 def rendered(response):
     """A JSON answer rendered here, on the event loop, as a plain HttpResponse.
@@ -55,6 +57,7 @@ class APIView(views.APIView):
 
         # the checks run first in the call, or the call fails (no thread free: 503)
         self._checked = True
+        housekeeping.ensure_running()  # the process's background task, started once per loop
         return await sync_to_async(checks_then_work)()
 
     async def then_in_thread(self, work, *args, **kwargs):

@@ -9,7 +9,8 @@ is support.rules; how the services take their locks is support.services.locks.
   admin list's counts and pages);
 - ``locks``: the lock contract and the helpers that take the locks;
 - ``records``: the one writer of a ticket's status and holder and of its history;
-- ``agent_work``: the agent's fetch (top-up), its moves, releases;
+- ``agent_work``: the agent's fetch (top-up), its moves, its hand-backs, releases;
+- ``idle_release``: the assigned tickets of agents silent too long, back to the pool;
 - ``admin_tickets``: an admin's create, edit and delete;
 - ``agents``: creating, deactivating and reactivating agents.
 """
@@ -17,6 +18,7 @@ is support.rules; how the services take their locks is support.services.locks.
 from support.services.admin_tickets import ticket_create, ticket_delete, ticket_update
 from support.services.agent_work import (
     agent_release_tickets,
+    ticket_release_by_agent,
     ticket_transition_by_agent,
     tickets_top_up,
 )
@@ -38,6 +40,7 @@ from support.services.errors import (
     ServiceError,
     TransitionNotAllowed,
 )
+from support.services.idle_release import Sweep, idle_agents_release
 from support.services.selectors import (
     ROW_FIELDS,
     User,
@@ -72,6 +75,7 @@ __all__ = [
     "NotAnAgent",
     "NotFound",
     "ServiceError",
+    "Sweep",
     "TransitionNotAllowed",
     "User",
     "agent_create",
@@ -85,6 +89,7 @@ __all__ = [
     "held_count",
     "held_query",
     "held_tickets",
+    "idle_agents_release",
     "is_agent_expr",
     "keyset_page",
     "list_count",
@@ -95,6 +100,7 @@ __all__ = [
     "ticket_history",
     "ticket_holder",
     "ticket_page",
+    "ticket_release_by_agent",
     "ticket_row",
     "ticket_rows",
     "ticket_transition_by_agent",

@@ -1,4 +1,5 @@
-"""The agent's work: the fetch that tops it up from the pool, its moves, and releases.
+"""The agent's work: the fetch that tops it up from the pool, its moves, its hand-backs, and
+releases.
 
 Locks (support.services.locks): the agent's row, then its tickets; pool tickets with SKIP
 LOCKED. A fetch at the cap locks nothing.
@@ -21,8 +22,8 @@ Kind = TicketEvent.Kind
 # The moves these functions make, as support.rules gives them.
 _FETCH = rules.move(Status.OPEN, Status.ASSIGNED)
 _RELEASE = rules.move(Status.ASSIGNED, Status.OPEN)
-if Actor.FETCH not in _FETCH.by or Actor.RELEASE not in _RELEASE.by:
-    raise RuntimeError("support.rules no longer gives the fetch or the release its move")
+if not (Actor.FETCH in _FETCH.by and {Actor.RELEASE, Actor.HAND_BACK} <= _RELEASE.by):
+    raise RuntimeError("support.rules no longer gives the fetch, release or hand-back its move")
 
 
 def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
@@ -125,6 +126,48 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
             )
         )
         row.update(status=to_status, updated_at=now)
+        return row
+
+
+def ticket_release_by_agent(*, agent_id: int, ticket_id: int) -> dict:
+    """The agent hands one of its assigned tickets back to the pool (support.rules' hand-back).
+
+    Locks the agent row, then the ticket row. Raises NotFound when the ticket does not exist or
+    is not the agent's (as for a move), TransitionNotAllowed when the agent holds it in another
+    status (a resolved or closed ticket stays the record of who worked it). Returns the ticket
+    as the pool now has it: open, no agent. Its event: ``released``, reason
+    ``released_by_agent``, the agent as actor.
+    """
+    with transaction.atomic():
+        require_active_agent(lock_users([agent_id]), agent_id)
+        row = lock_ticket(ticket_id)
+        if row is None or row["assigned_to_id"] != agent_id:
+            raise NotFound(NOT_YOURS)
+        current = row["status"]
+        move = rules.move(current, Status.OPEN)
+        if move is None or Actor.HAND_BACK not in move.by:
+            raise TransitionNotAllowed(
+                current, Status.OPEN, rules.allowed(current, Actor.HAND_BACK)
+            )
+        now = timezone.now()
+        move_tickets(
+            [ticket_id],
+            kind=Kind.RELEASED,
+            actor_id=agent_id,
+            agent_id=agent_id,
+            from_status=current,
+            to_status=Status.OPEN,
+            holder=agent_id,
+            new_holder=None,
+            at=now,
+            reason=TicketEvent.Reason.RELEASED_BY_AGENT,
+        )
+        transaction.on_commit(
+            lambda: obs.log_event(
+                "ticket handed back by agent", ticket_id=ticket_id, agent_id=agent_id
+            )
+        )
+        row.update(status=Status.OPEN, updated_at=now, assigned_to_id=None, assigned_at=None)
         return row
 
 

@@ -15,6 +15,12 @@ runs alone, and the row locks below are no-ops):
 - A decision is made only on values read after the locks are held.
 - An agent's poll at the cap takes no lock: it changes nothing, and only a change (which
   locks) can take the agent past the cap.
+- The idle sweep (support.services.idle_release) first tries a transaction-level advisory lock
+  (one sweep at a time; it never waits for it), then locks the silent agents' rows with SKIP
+  LOCKED (it never waits for an agent: a locked one is busy, and looked at by the next sweep),
+  then all their assigned tickets in one statement, before any write. Presence rows
+  (support.presence) are outside this contract: only a flush locks them, for one statement,
+  in agent order.
 - The ticket counters (migration 0009) are the last lock. A ticket write that moves tickets
   between statuses adds to its session's counter row (``pg_backend_pid() % 32``) in the
   statement's own trigger: the lock is taken by the write itself, after every lock above, and

@@ -79,12 +79,16 @@ def move_tickets(
     holder: int | None,
     new_holder: int | None,
     at: datetime,
+    reason: str | None = None,
 ) -> None:
     """Give the tickets ``ids`` (in ``from_status``, held by ``holder``) ``to_status`` and
-    ``new_holder``, with one event each saying what changed."""
+    ``new_holder``, with one event each saying what changed (and why: ``reason``, one of
+    ``TicketEvent.Reason``, when given)."""
     change_tickets(ids, status=to_status, holder=holder, new_holder=new_holder, at=at)
     changes = {"assigned_to": [holder, new_holder]} if new_holder != holder else {}
     changes["status"] = [from_status, to_status]
+    if reason is not None:
+        changes["reason"] = reason
     record(
         ids,
         kind=kind,
