@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from support.api import admin, agent, login
+from support.api import admin, agent, events, login
 
 
 class IdConverter:
@@ -26,4 +26,5 @@ urlpatterns = [
     path("agents/", admin.AgentListView.as_view(), name="agent-list"),
     path("agents/<id:pk>/", admin.AgentDetailView.as_view(), name="agent-detail"),
     path("agent/tickets/", agent.AgentTicketsView.as_view(), name="agent-tickets"),
+    path("events/", events.EventFeedView.as_view(), name="event-feed"),
 ]
