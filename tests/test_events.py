@@ -371,6 +371,47 @@ def test_the_feed_rule_in_python_and_in_sql_agree(admin, agent, other_agent):
     assert len(visible_events(Viewer(None), after=0, upto=10**9, limit=1000)) == len(rows)
 
 
+def _plan_nodes(plan: dict) -> list[dict]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_an_agents_page_reads_its_two_index_ranges_however_long_the_history(
+    admin, agent, other_agent
+):
+    """Each part stops after a page's rows and the parts merge in order: no sort, and no read
+    of other agents' events or of the agent's events past the page."""
+    ticket = create_tickets(admin, 1)[0].pk
+    crowd = {"ticket_id": ticket, "actor": admin, "kind": "edited", "agent": other_agent}
+    TicketEvent.objects.bulk_create(TicketEvent(**crowd) for _ in range(5000))
+    mine = {"ticket_id": ticket, "actor": admin, "kind": "reassigned"}
+    TicketEvent.objects.bulk_create(
+        TicketEvent(**mine, agent=agent, previous_agent=other_agent) for _ in range(300)
+    )
+    TicketEvent.objects.bulk_create(
+        TicketEvent(**mine, agent=other_agent, previous_agent=agent) for _ in range(300)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE support_ticketevent")
+    captured = []
+
+    def record(execute, sql, params, many, context):
+        captured.append((sql, params))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        rows = visible_events(Viewer(agent.pk), after=0, upto=10**9, limit=50)
+    assert len(rows) == 50
+    sql, params = captured[-1]
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0][0]["Plan"]
+    nodes = _plan_nodes(plan)
+    scans = {n["Index Name"]: n["Actual Rows"] for n in nodes if "Index Name" in n}
+    assert set(scans) == {"event_agent_idx", "event_previous_agent_idx"}, plan
+    assert all(rows <= 50 for rows in scans.values()), scans
+    assert not any(n["Node Type"] in ("Sort", "Seq Scan", "Bitmap Heap Scan") for n in nodes)
+
+
 # --- JSON pages ---------------------------------------------------------------------------------
 
 

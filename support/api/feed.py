@@ -55,7 +55,7 @@ from support.services.events import (
 log = logging.getLogger("support.feed")
 
 APPLICATION_NAME = "support-events"
-READ = 1000  # events per poll; a full read is followed by the next at once
+READ = 1000  # events per poll; a full read that moved the horizon is followed by the next at once
 RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # reconnection backoff, seconds
 
 
@@ -227,7 +227,7 @@ class Feed:
             final = horizon.advance(snap, reach=snap.top if full else None)
             if final > before:
                 self._advanced(final, rows)
-            if not full:
+            if not (full and final > before):  # at once only while a backlog moves
                 await asyncio.sleep(poll)
 
     async def _start(self, poll: float) -> int:
