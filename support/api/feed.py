@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import Max
 
 from support.api.serializers import event_json
@@ -52,11 +52,22 @@ from support.services.events import (
     Snapshot,
 )
 
+try:
+    import psycopg
+except ImportError:  # SQLite-only installs
+    psycopg = None
+
 log = logging.getLogger("support.feed")
 
 APPLICATION_NAME = "support-events"
 READ = 1000  # events per poll; a full read that moved the horizon is followed by the next at once
 RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # reconnection backoff, seconds
+
+
+def _expected_failure(exc: Exception) -> bool:
+    """A database or network failure (logged in one line), not a bug (logged with its trace)."""
+    database = (psycopg.Error,) if psycopg is not None else ()
+    return isinstance(exc, (*database, DatabaseError, OSError, TimeoutError))
 
 
 def sse_message(row: dict) -> bytes:
@@ -80,8 +91,6 @@ class _Postgres:
         self.conn = None
 
     async def open(self) -> None:
-        import psycopg  # here: SQLite-only installs need not have it
-
         self.conn = await psycopg.AsyncConnection.connect(
             settings.SUPPORT_LISTEN_DATABASE_URL,
             autocommit=True,
@@ -155,7 +164,7 @@ class Feed:
         self.subscribers = 0
         self.final: int | None = None
         self.floor: int | None = None
-        self.connected = False
+        self._polled = False  # a poll succeeded since the last (re)connection
         self._events: deque[FeedEvent] = deque()
         self._wake = asyncio.Event()
         self._source = _Postgres() if connection.vendor == "postgresql" else _Sqlite()
@@ -198,19 +207,23 @@ class Feed:
         delay = RETRY_FIRST
         try:
             while True:
+                self._polled = False
                 try:
                     await self._source.open()
-                    self.connected = True
-                    delay = RETRY_FIRST
                     await self._follow()
-                except Exception:
-                    log.warning("event feed: database unavailable", exc_info=True)
-                    self.connected = False
+                except Exception as exc:
+                    if self._polled:  # it worked a while: a new failure starts a new backoff
+                        delay = RETRY_FIRST
+                    log.warning(
+                        "event feed: %s; connecting again in %.1f s",
+                        exc,
+                        delay,
+                        exc_info=not _expected_failure(exc),
+                    )
                     await self._source.close()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
         finally:
-            self.connected = False
             await self._source.close()
 
     async def _follow(self) -> None:
@@ -222,6 +235,7 @@ class Feed:
         horizon = Horizon(self.final)  # a new connection: earlier snapshots are forgotten
         while True:
             snap, rows = await self._source.poll(horizon.final)
+            self._polled = True
             full = len(rows) == READ
             before = horizon.final
             final = horizon.advance(snap, reach=snap.top if full else None)
