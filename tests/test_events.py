@@ -841,17 +841,17 @@ async def test_a_stream_resumes_on_another_worker_when_its_worker_is_killed():
         received: list[int] = []
         writes_done = asyncio.Event()
 
-        async def write():
-            """Tickets created, fetched, resolved, closed and edited, while the stream reads;
-            a write that the kill cuts off is just lost (or not): the table is the truth."""
+        async def write(agent):
+            """Tickets created, fetched, resolved and edited, while the stream reads, by one
+            agent and the admin; three of these at once, so that commits overtake each other.
+            A write that the kill cuts off is just lost (or not): the table is the truth."""
+            mine = {"Authorization": f"Token {agent.token}"}
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                for n in range(40):
+                for n in range(15):
                     with contextlib.suppress(httpx.HTTPError):
                         made = await client.post(
                             "/api/tickets/", json={"title": f"kill {n}"}, headers=auth
                         )
-                        agent = agents[n % len(agents)]
-                        mine = {"Authorization": f"Token {agent.token}"}
                         held = await client.get("/api/agent/tickets/", headers=mine)
                         for row in held.json()[:1]:
                             await client.post(
@@ -865,9 +865,12 @@ async def test_a_stream_resumes_on_another_worker_when_its_worker_is_killed():
                             headers=auth,
                         )
                     await asyncio.sleep(0.02)
+
+        async def writers():
+            await asyncio.gather(*(write(agent) for agent in agents))
             writes_done.set()
 
-        writer = asyncio.create_task(write())
+        writer = asyncio.create_task(writers())
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=30)) as client:
             reading = asyncio.create_task(
