@@ -155,9 +155,11 @@ def read_top(after: int, scan: int = SCAN) -> Snapshot:
         if connection.vendor == "postgresql":
             cursor.execute(SNAPSHOT_TOP_SQL, {"after": after, "limit": scan})
             xmin, xmax, top, ids = cursor.fetchone()
-        else:
+        else:  # nothing is ever in flight; the unbroken run is not needed
             cursor.execute("SELECT max(id) FROM support_ticketevent")
-            (top,), xmin, xmax, ids = cursor.fetchone(), 0, 0, []
+            (top,) = cursor.fetchone()
+            xmin = xmax = 0
+            ids = []
     return Snapshot(xmin, xmax, tuple(ids), max(top or 0, after))
 
 
