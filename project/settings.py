@@ -287,6 +287,12 @@ if SUPPORT_AGENT_IDLE_RELEASE_SECONDS and (
 # how often waiters look at the pool while their worker's listening connection is down.
 SUPPORT_WAIT_MAX_SECONDS = 60
 SUPPORT_WAIT_POLL_SECONDS = env_float("SUPPORT_WAIT_POLL_SECONDS", 2.0, minimum=0.05)
+# The event feed (GET /api/events/, support.api.feed): how often each worker's feed looks for
+# new events while it has streams, how often a stream sends a heartbeat comment and checks its
+# caller's token again, and how many recent events each worker keeps for its streams.
+SUPPORT_EVENTS_POLL_SECONDS = env_float("SUPPORT_EVENTS_POLL_SECONDS", 0.1, minimum=0.01)
+SUPPORT_EVENTS_HEARTBEAT_SECONDS = env_float("SUPPORT_EVENTS_HEARTBEAT_SECONDS", 15.0, minimum=0.1)
+SUPPORT_EVENTS_BUFFER = env_int("SUPPORT_EVENTS_BUFFER", 10_000, minimum=1)
 # The benchmark's framework floor at /bench/floor/ (bench/README.md); off in production.
 SUPPORT_BENCH_ENDPOINTS = env_bool("SUPPORT_BENCH_ENDPOINTS", False)
 

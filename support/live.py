@@ -233,13 +233,34 @@ def _open_count_through_app() -> int:
         connections["default"].close()
 
 
-def on_stop(callback) -> None:
+_on_stop: dict[asyncio.AbstractEventLoop, list] = {}
+
+
+def on_stop(callback):
     """Call ``callback`` on the event loop when this process is told to stop (SIGTERM or
     SIGINT, before uvicorn's own handler starts its graceful shutdown, which waits for open
-    requests): long waits and streams end at once rather than being cut off after it."""
+    requests): long waits and streams end at once rather than being cut off after it.
+    Returns a function that takes the callback back."""
     loop = asyncio.get_running_loop()
+    callbacks = _on_stop.get(loop)
+    if callbacks is None:
+        for old in [old for old in _on_stop if old.is_closed()]:
+            del _on_stop[old]
+        callbacks = _on_stop[loop] = []
+        _chain_signals(loop, callbacks)
+    callbacks.append(callback)
+    return lambda: callback in callbacks and callbacks.remove(callback)
+
+
+def _chain_signals(loop: asyncio.AbstractEventLoop, callbacks: list) -> None:
+    """In front of the handlers in place (uvicorn's), once per event loop."""
     if threading.current_thread() is not threading.main_thread():
         return
+
+    def stopping():
+        for callback in list(callbacks):
+            callback()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):  # not serving (default or ignored): leave it alone
@@ -247,7 +268,7 @@ def on_stop(callback) -> None:
 
         def handler(signum, frame, previous=previous):
             if not loop.is_closed():
-                loop.call_soon_threadsafe(callback)
+                loop.call_soon_threadsafe(stopping)
             previous(signum, frame)
 
         signal.signal(sig, handler)

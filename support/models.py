@@ -151,19 +151,44 @@ class TicketEvent(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices)
     from_status = models.CharField(max_length=8, blank=True, default="")
     to_status = models.CharField(max_length=8, blank=True, default="")
+    # The ticket's agent after the event, or before it when the event took the ticket from its
+    # agent (a release, a deletion); none for a ticket in the pool.
     agent = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.PROTECT,
         null=True,
         blank=True,
         related_name="ticket_events",
+        db_index=False,  # event_agent_idx covers it
+    )
+    # The ticket's agent before the event when that is another agent than ``agent``: the one a
+    # reassignment took the ticket from. With ``agent``, the agents who see the event in the
+    # event feed (support.services.events). Written by support.services.records.record from
+    # ``changes["assigned_to"]``. No constraint: that agent is ``agent`` of an earlier event.
+    previous_agent = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,  # event_previous_agent_idx, partial
+        null=True,
+        blank=True,
+        related_name="+",
     )
     # {"field": [old, new]} in the API's terms (priority by name, assigned_to by user id);
     # a release may add {"reason": <Reason>}.
     changes = models.JSONField(default=dict, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["ticket", "id"], name="event_ticket_idx")]
+        indexes = [
+            models.Index(fields=["ticket", "id"], name="event_ticket_idx"),
+            # An agent's events in feed order (support.services.events.visible_events).
+            models.Index(fields=["agent", "id"], name="event_agent_idx"),
+            models.Index(
+                fields=["previous_agent", "id"],
+                condition=Q(previous_agent__isnull=False),
+                name="event_previous_agent_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"ticket {self.ticket_id}: {self.kind} at {self.at:%Y-%m-%d %H:%M:%S}"

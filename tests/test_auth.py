@@ -179,6 +179,8 @@ ROUTE_ROLE = {
     # admins, and the agent that holds the ticket; another agent is told 404, as for a move
     "ticket-history": "admin or holder",
     "auth-logout": "any user",
+    # admins see every event, agents their own
+    "event-feed": "admin or agent",
 }
 
 
@@ -244,6 +246,9 @@ RIGHT_ROLE_CALLS: dict[tuple[str, str], tuple[Body, int]] = {
     ("ticket-history", "GET"): (None, 200),
     ("ticket-history", "HEAD"): (None, 200),
     ("ticket-history", "OPTIONS"): (None, 200),
+    ("event-feed", "GET"): (None, 200),
+    ("event-feed", "HEAD"): (None, 200),
+    ("event-feed", "OPTIONS"): (None, 200),
     ("auth-logout", "POST"): (None, 204),
     ("auth-logout", "OPTIONS"): (None, 200),
 }

@@ -277,6 +277,7 @@ def stack(django_db_setup, tmp_path_factory) -> Iterator[Stack]:
         DJANGO_SECURE_SSL_REDIRECT="0",
         DATABASE_URL=_database_url(),
         DB_POOL_MAX_SIZE="4",
+        SUPPORT_EVENTS_HEARTBEAT_SECONDS="1",
     )
     nginx_conf = _write_nginx_config(stack, tls_dir)
     try:
@@ -378,6 +379,33 @@ def test_agent_flow_through_nginx(stack):
     assert Ticket.objects.filter(status="assigned").count() == 15
     assert Ticket.objects.filter(status="open").count() == 4
     assert_invariants()
+
+
+def test_the_event_stream_passes_through_nginx_as_it_happens(stack):
+    """Over nginx's TLS server: the stream's first line, its heartbeats and each event reach
+    the client as the app sends them, not when a buffer fills."""
+    admin = create_user(staff=True)
+    sse = {"Accept": "text/event-stream"}
+    with (
+        stack.client("tls", admin.token) as api,
+        stack.client("tls", admin.token) as listener,
+        listener.stream("GET", "/api/events/", headers=sse) as stream,
+    ):
+        assert stream.status_code == 200
+        assert stream.headers["content-type"] == "text/event-stream"
+        chunks = stream.iter_raw()
+        assert next(chunks) == b"retry: 1000\n\n"
+        started = time.monotonic()
+        assert next(chunks) == b": ping\n\n"  # the app's heartbeat, every second here
+        assert time.monotonic() - started < 3
+        created = api.post("/api/tickets/", json={"title": "streamed through nginx"})
+        assert created.status_code == 201
+        sent = time.monotonic()
+        received = b""
+        while b"event: created" not in received:
+            received += next(chunks)
+        assert time.monotonic() - sent < 2
+        assert f'"ticket":{created.json()["id"]}'.encode() in received
 
 
 def test_nginx_on_another_port_links_and_admin_login_keep_that_port(stack):

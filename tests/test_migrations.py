@@ -2,7 +2,8 @@
 
 0007/0008 carry the holder from the active assignments onto the tickets: tickets in every
 status, with their assignment history (ended assignments, a reassignment). 0009 fills the
-ticket counters from the tickets; 0010 builds the search indexes.
+ticket counters from the tickets; 0010 builds the search indexes; 0012 gives past
+reassignments their former agent and indexes the events by both agents.
 """
 
 import pytest
@@ -182,3 +183,69 @@ def test_the_search_indexes_are_on_the_expressions_icontains_compares():
     finally:
         migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
     assert _trigram_indexes() == indexes
+
+
+# --- 0012: who sees an event in the feed -------------------------------------------------------
+
+
+def _event_indexes() -> dict[str, str]:
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, "support_ticketevent")
+    return {
+        name: info["columns"]
+        for name, info in constraints.items()
+        if info["index"]
+        and not info["primary_key"]
+        and set(info["columns"]) & {"agent_id", "previous_agent_id"}
+    }
+
+
+def test_0012_gives_past_reassignments_their_former_agent_and_indexes_both_agents():
+    apps = migrate([("support", "0011_pool_notify")])
+    try:
+        User = apps.get_model("auth", "User")
+        Ticket = apps.get_model("support", "Ticket")
+        TicketEvent = apps.get_model("support", "TicketEvent")
+        admin = User.objects.create(username="old-admin", is_staff=True)
+        alice = User.objects.create(username="old-alice")
+        bob = User.objects.create(username="old-bob")
+        ticket = Ticket.objects.create(title="t", created_by=admin)
+        old = {"ticket_id": ticket.pk, "actor": admin, "from_status": "assigned"}
+        made = {
+            "assigned": TicketEvent.objects.create(
+                kind="assigned", agent=alice, changes={"assigned_to": [None, alice.pk]}, **old
+            ),
+            "reassigned": TicketEvent.objects.create(
+                kind="reassigned", agent=bob, changes={"assigned_to": [alice.pk, bob.pk]}, **old
+            ),
+            "released": TicketEvent.objects.create(
+                kind="released", agent=bob, changes={"assigned_to": [bob.pk, None]}, **old
+            ),
+            "edited": TicketEvent.objects.create(kind="edited", agent=bob, changes={}, **old),
+        }
+        assert list(_event_indexes().values()) == [["agent_id"]]  # the foreign key's
+        apps = migrate([("support", "0012_events_feed")])
+        TicketEvent = apps.get_model("support", "TicketEvent")
+        previous = dict(TicketEvent.objects.values_list("kind", "previous_agent_id"))
+        assert previous == {
+            "assigned": None,
+            "reassigned": alice.pk,
+            "released": None,
+            "edited": None,
+        }
+        assert all(TicketEvent.objects.filter(pk=e.pk).exists() for e in made.values())
+        assert _event_indexes() == {
+            "event_agent_idx": ["agent_id", "id"],
+            "event_previous_agent_idx": ["previous_agent_id", "id"],
+        }
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_index WHERE NOT indisvalid"
+                    " AND indrelid = 'support_ticketevent'::regclass"
+                )
+                assert cursor.fetchone()[0] == 0
+        migrate([("support", "0011_pool_notify")])  # and back: the foreign key's index again
+        assert list(_event_indexes().values()) == [["agent_id"]]
+    finally:
+        migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())

@@ -115,6 +115,7 @@ def test_status_and_priority_are_enums_and_tokens_are_the_security_scheme(schema
         ),
         ("/api/agents/{id}/", "delete", {"204", "401", "403", "404", "429", "503"}),
         ("/api/agent/tickets/", "get", {"200", "400", "401", "403", "429", "503"}),
+        ("/api/events/", "get", {"200", "400", "401", "403", "429", "503"}),
         (
             "/api/agent/tickets/",
             "post",

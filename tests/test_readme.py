@@ -2,7 +2,8 @@
 
 The blocks after each ``<!-- readme-example: curl -->`` are taken from README.md as they are,
 and run in their order as one script (a later section's block continues the session of the
-first: its variables and functions). The quick
+first: its variables and functions), then the one after ``<!-- readme-example: events -->``
+(*Live events*), in the same shell. The quick
 start is set up as scripts/dev.sh does it (debug on, a fresh SQLite file, ``migrate``,
 ``seed_demo``), served by uvicorn on a free port; only the passwords seed_demo printed and the
 port (``localhost:8000``) are put in. bash runs the block with ``set -euo pipefail``, so a
@@ -49,14 +50,24 @@ EXPECTED_CALLS = [
 ]
 
 
-def readme_block() -> str:
-    """Every block after a marker, in the README's order, as one script."""
-    parts = (ROOT / "README.md").read_text().split(MARKER)[1:]
-    assert parts, f"README.md has no {MARKER}"
+# *Live events*: run after the blocks above, in the same shell (its tokens and json_get).
+EVENTS_MARKER = "<!-- readme-example: events -->"
+EVENTS_CALLS = [
+    ("POST", "/api/tickets/", 201),  # in the background, while the stream runs
+    ("GET", "/api/events/", 200),  # the stream, ended by --max-time
+    ("GET", "/api/events/", 200),
+    ("GET", "/api/events/", 200),
+]
+
+
+def readme_block(marker: str = MARKER) -> str:
+    """Every block after ``marker``, in the README's order, as one script."""
+    parts = (ROOT / "README.md").read_text().split(marker)[1:]
+    assert parts, f"README.md has no {marker}"
     blocks = []
     for part in parts:
         match = re.match(r"\s*```sh\n(.*?)\n```\n", part, re.DOTALL)
-        assert match, f"no ```sh block right after a {MARKER}"
+        assert match, f"no ```sh block right after a {marker}"
         blocks.append(match[1])
     return "\n".join(blocks)
 
@@ -121,7 +132,7 @@ def event_kinds(db: sqlite3.Connection, ticket_id: int) -> list[str]:
 
 
 def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
-    block = readme_block()
+    block = readme_block() + "\n" + readme_block(EVENTS_MARKER)
     assert "localhost:8000" in block
     assert "--write-out" not in block
     assert not re.search(r"(^|\s)-w\s", block)
@@ -148,13 +159,17 @@ def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
     report = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, report
 
-    calls = []
+    calls, timeouts = [], 0
     for line in done.stderr.splitlines():
+        if line.startswith("curl: (28) Operation timed out after 5"):  # the stream's end
+            timeouts += 1
+            continue
         match = re.fullmatch(r"HTTP (\d{3}) (\w+) (\S+)", line)
         assert match, f"unexpected output on stderr: {line!r}\n{report}"
         path = re.sub(r"/\d+/", "/{id}/", urlsplit(match[3]).path)
         calls.append((match[2], path, int(match[1])))
-    assert calls == EXPECTED_CALLS, report
+    assert calls == EXPECTED_CALLS + EVENTS_CALLS, report
+    assert timeouts == 1, report
 
     db = sqlite3.connect(database)
     try:
@@ -198,5 +213,20 @@ def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
         assert db.execute("SELECT is_active FROM auth_user WHERE username = 'dana'").fetchall() == [
             (0,)
         ]
+        # Live events: the stream showed the ticket filed while it ran, as an SSE message
+        [filed] = db.execute("SELECT id FROM support_ticket WHERE title = 'Printer on fire'")
+        [(event_id,)] = db.execute(
+            "SELECT id FROM support_ticketevent WHERE ticket_id = ? AND kind = 'created'", filed
+        )
+        streamed = re.search(rf"^id: {event_id}\nevent: created\ndata: (.*)$", done.stdout, re.M)
+        assert streamed, report
+        assert json.loads(streamed[1])["changes"]["title"] == [None, "Printer on fire"]
+        # ... and alice's events as two JSON pages of 5, in order, each hers
+        pages = [a for a in answers if isinstance(a, dict) and "next_after" in a]
+        assert [len(p["events"]) for p in pages] == [5, 5], report
+        ids = [e["id"] for p in pages for e in p["events"]]
+        assert ids == sorted(ids)
+        assert pages[1]["events"][0]["id"] > pages[0]["next_after"]
+        assert {e["agent"] for p in pages for e in p["events"]} == {users["alice"]}
     finally:
         db.close()

@@ -93,3 +93,21 @@ class IsAgent(permissions.BasePermission):
             if user.is_agent:  # (a token's agent was marked by the token check)
                 presence.seen(user.pk)
         return user.is_agent
+
+
+def authenticate_again(request) -> "User | None":
+    """The request's user as the database has it now (for a long request, such as an event
+    stream, that checks its caller again from time to time): through the token again (None
+    when it was revoked or expired, or its user deactivated), or, for a session, the user's
+    row again (active or None; a logout elsewhere is not seen)."""
+    authenticator = request.successful_authenticator
+    if isinstance(authenticator, TokenAuthentication):
+        try:
+            found = authenticator.authenticate(request)
+        except exceptions.AuthenticationFailed:
+            return None
+        return found[0] if found else None
+    user = User.objects.filter(pk=request.user.pk, is_active=True).first()
+    if user is not None:
+        user.is_agent = user.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
+    return user

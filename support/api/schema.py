@@ -6,7 +6,12 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_seri
 from rest_framework import serializers
 
 from support.api.filters import TicketFilter
-from support.api.serializers import PRIORITY_NAMES, STATUS_NAMES, TicketSerializer
+from support.api.serializers import (
+    PRIORITY_NAMES,
+    STATUS_NAMES,
+    FeedEventSerializer,
+    TicketSerializer,
+)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -119,3 +124,60 @@ LIST_PARAMETERS = [
         description="Default -created_at. priority orders by rank (low < ... < urgent).",
     ),
 ]
+
+# GET /api/events/ (support.api.events): one feed, two representations.
+EVENTS_DESCRIPTION = (
+    "The ticket history as it happens, in id order: every event for an admin; for an agent, "
+    "the events of tickets it holds or held, from the one that gave it the ticket to the one "
+    "that took it away. Only final events are served (no event can appear later below an id "
+    "served), so going on from the last id got loses and repeats nothing.\n\n"
+    "`Accept: text/event-stream`: Server-Sent Events, one per ticket event (`id:` the event's "
+    "id, `event:` its kind, `data:` the event as JSON on one line), and a `: ping` comment every "
+    "SUPPORT_EVENTS_HEARTBEAT_SECONDS (15). Starts after `Last-Event-ID`, else `after`, else "
+    "now. The caller is checked again at every heartbeat: a revoked token ends the stream.\n\n"
+    "Otherwise: a JSON page of the caller's events after `after`, at most `limit`; a page "
+    "shorter than `limit` is the end for now. Without `after`: no events, and `next_after` "
+    "is the feed's position now. 503 when transactions in flight keep the position unknown "
+    "for a second."
+)
+EVENTS_PARAMETERS = [
+    OpenApiParameter(
+        "after",
+        {"type": "integer", "minimum": 0, "maximum": 999_999_999_999_999_999},
+        description="The last event id the client has: events after it (0: from the start).",
+    ),
+    OpenApiParameter(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": 1000},
+        description="Events per JSON page (default 100, 1 to 1000); not used by the stream.",
+    ),
+    OpenApiParameter(
+        "Last-Event-ID",
+        str,
+        OpenApiParameter.HEADER,
+        description=(
+            "Stream only (EventSource sends it when it reconnects): the last event id "
+            "received; takes precedence over `after`."
+        ),
+    ),
+]
+EVENT_PAGE = inline_serializer(
+    "EventPage",
+    {
+        "events": FeedEventSerializer(many=True),
+        "next_after": serializers.IntegerField(
+            help_text="`after` for the next page: the last event's id on a full page, else "
+            "the feed's position (every event up to it is final)."
+        ),
+    },
+)
+EVENTS_RESPONSES = {
+    (200, "application/json"): OpenApiResponse(
+        EVENT_PAGE, description="A JSON page, or (text/event-stream) the stream."
+    ),
+    (200, "text/event-stream"): OpenApiResponse(
+        OpenApiTypes.STR,
+        description="Server-Sent Events: `id:`, `event:` (the kind), `data:` (the event's JSON).",
+    ),
+    **answers({}, 401, 403, field_errors=True),
+}

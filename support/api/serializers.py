@@ -104,6 +104,21 @@ class TicketEventSerializer(serializers.Serializer):
         }
 
 
+class FeedEventSerializer(TicketEventSerializer):
+    """One event of the feed (``GET /api/events/``): a history entry, with its ticket."""
+
+    ticket = serializers.IntegerField(read_only=True, help_text="The ticket's id.")
+
+    def to_representation(self, row):
+        entry = super().to_representation(row)
+        return {"id": entry.pop("id"), "ticket": row["ticket_id"], **entry}
+
+
+def event_json(row: dict) -> dict:
+    """A feed event as the API shows it, from a row of support.services.events."""
+    return FeedEventSerializer().to_representation(row)
+
+
 def ticket_json(row: dict) -> dict:
     return TicketSerializer().to_representation(row)
 

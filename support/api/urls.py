@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from support.api import admin, agent, login
+from support.api import admin, agent, events, login
 
 
 class IdConverter:
@@ -31,4 +31,5 @@ urlpatterns = [
         agent.AgentTicketReleaseView.as_view(),
         name="agent-ticket-release",
     ),
+    path("events/", events.EventFeedView.as_view(), name="event-feed"),
 ]

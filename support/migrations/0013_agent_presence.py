@@ -11,7 +11,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("support", "0011_pool_notify"),
+        ("support", "0012_events_feed"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -52,7 +52,19 @@ def record(
     agent_id: int | None = None,
     changes: dict | None = None,
 ) -> None:
-    """One event per ticket, the same for each."""
+    """One event per ticket, the same for each.
+
+    ``agent_id``: the ticket's agent after the change, or before it when the change took the
+    ticket from its agent. The agent before, when it is another one, is read from
+    ``changes["assigned_to"]`` into ``previous_agent`` (the event feed shows the event to both).
+
+    The caller has written or locked the tickets first, in the same transaction: PostgreSQL
+    then gave the transaction its id before the events draw theirs, which the event feed's
+    horizon relies on (support.services.events).
+    """
+    changes = changes or {}
+    before = changes.get("assigned_to", [None])[0]
+    previous_agent_id = before if before != agent_id else None
     TicketEvent.objects.bulk_create(
         TicketEvent(
             ticket_id=pk,
@@ -62,7 +74,8 @@ def record(
             from_status=from_status,
             to_status=to_status,
             agent_id=agent_id,
-            changes=changes or {},
+            previous_agent_id=previous_agent_id,
+            changes=changes,
         )
         for pk in ids
     )
