@@ -428,6 +428,47 @@ def test_a_waiter_on_b_is_woken_by_a_ticket_created_through_a(two_hosts):
         assert 1 <= _listening(conn) <= 4
 
 
+def test_an_event_stream_on_b_sees_what_a_commits(two_hosts):
+    """B's feed reads the history straight from PostgreSQL: a ticket created and fetched
+    through A reaches a stream held on B, in id order, and the same events read as JSON pages
+    through nginx."""
+    admin, agent = create_user(staff=True), create_user(agent=True)
+    headers = {"Accept": "text/event-stream"}
+    with (
+        two_hosts.client("a", admin.token) as admin_a,
+        two_hosts.client("a", agent.token) as agent_a,
+        two_hosts.client("b", admin.token, timeout=30) as admin_b,
+        two_hosts.client("nginx", admin.token) as admin_nginx,
+    ):
+        start = admin_nginx.get("/api/events/").json()["next_after"]
+        with admin_b.stream("GET", f"/api/events/?after={start}", headers=headers) as stream:
+            assert stream.status_code == 200
+            created = admin_a.post("/api/tickets/", json={"title": "seen on b"})
+            assert created.status_code == 201, created.text
+            fetched = agent_a.get("/api/agent/tickets/")
+            assert fetched.status_code == 200, fetched.text
+            got = []
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    got.append(json.loads(line[5:]))
+                if len(got) == 2:
+                    break
+        ticket = created.json()["id"]
+        assert [(e["ticket"], e["kind"]) for e in got] == [
+            (ticket, "created"),
+            (ticket, "assigned"),
+        ]
+        assert got[0]["id"] < got[1]["id"]
+        pages = admin_nginx.get(f"/api/events/?after={start}").json()["events"]
+        assert [e["id"] for e in pages] == [e["id"] for e in got]
+    with psycopg.connect(two_hosts.direct_dsn) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        feeds = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'support-events'"
+        ).fetchone()[0]
+    assert feeds <= 4  # at most one per worker, straight to PostgreSQL
+
+
 def _listening(conn) -> int:
     conn.execute("SELECT pg_stat_clear_snapshot()")
     return conn.execute(
@@ -549,9 +590,9 @@ def test_repeated_and_concurrent_requests_all_go_through_pgbouncer(two_hosts):
     from_bouncer = [s for s in sessions if tcp_port_owner(s[0], [two_hosts.pgbouncer.pid])]
     assert len(from_bouncer) == len(servers), sessions
     others = [name for port, name in sessions if (port, name) not in from_bouncer]
-    # straight to PostgreSQL: only the workers' listening connections, one per worker at most
-    assert set(others) <= {"support-listener"}, others
-    assert len(others) <= 2 * WORKERS
+    # straight to PostgreSQL: only the workers' listening connections and event feeds
+    assert set(others) <= {"support-listener", "support-events"}, others
+    assert len(others) <= 2 * 2 * WORKERS
 
     # no server-side prepared statement anywhere, nor any error in the hosts' logs
     logs = {
