@@ -119,33 +119,40 @@ async def _chunked_lines(reader: asyncio.StreamReader):
 
 
 async def drive(port: int, admin: str, agents: list[str], target: int, count_events) -> None:
-    """Tickets' lives through the API until ``count_events()`` reaches ``target``."""
+    """Tickets' lives through the API until ``count_events()`` reaches ``target``; a driver
+    whose connection breaks (its worker killed) opens another."""
 
-    async def creator():
+    async def loop(step):
         conn = await Connection.open(port)
-        n = 0
         while count_events() < target:
-            body = json.dumps({"title": f"bench event {n}"}).encode()
-            status, _ = await conn.request("POST", "/api/tickets/", admin, body)
-            n += 1
-            if status != 201:
-                await asyncio.sleep(0.05)
+            try:
+                await step(conn)
+            except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                conn.close()
+                await asyncio.sleep(0.1)
+                conn = await Connection.open(port)
         conn.close()
 
-    async def worker(auth: str):
-        conn = await Connection.open(port)
-        while count_events() < target:
+    async def create(conn):
+        body = json.dumps({"title": "bench event"}).encode()
+        status, _ = await conn.request("POST", "/api/tickets/", admin, body)
+        if status != 201:
+            await asyncio.sleep(0.05)
+
+    def work(auth: str):
+        async def step(conn):
             status, held = await conn.request("GET", "/api/agent/tickets/", auth)
             if status != 200 or not held:
                 await asyncio.sleep(0.05)
-                continue
+                return
             for ticket in held:
                 for move in ("resolved", "closed"):
                     body = json.dumps({"ticket_id": ticket["id"], "status": move}).encode()
                     await conn.request("POST", "/api/agent/tickets/", auth, body)
-        conn.close()
 
-    await asyncio.gather(creator(), creator(), *(worker(a) for a in agents))
+        return step
+
+    await asyncio.gather(loop(create), loop(create), *(loop(work(a)) for a in agents))
 
 
 async def oracle(base_url: str, auth: str, after: int) -> list[int]:

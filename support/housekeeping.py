@@ -43,8 +43,9 @@ _executor: ThreadPoolExecutor | None = None
 
 
 def ensure_running() -> None:
-    """Start this process's background task on the running loop, unless one runs already."""
-    if _task is not None and not _task.done() and not _task.get_loop().is_closed():
+    """Start this process's background task on the running loop, unless one runs there already
+    (a server has one loop; tests have one per test)."""
+    if _task is not None and not _task.done() and _task.get_loop() is asyncio.get_running_loop():
         return
     _start()
 

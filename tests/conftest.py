@@ -178,6 +178,15 @@ def _close_pool_before_teardown(django_db_setup, django_db_blocker):
     """
     yield
     with django_db_blocker.unblock():
+        # Each test has its own event loop; a loop a test left behind (schemathesis runs the
+        # app on one of its own) may still hold a worker's listening or event-feed session.
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND application_name IN ('support-listener', 'support-events')"
+                )
         SyncToAsync.single_thread_executor.submit(lambda: connection.close()).result()
         connection.close()
         if hasattr(connection, "close_pool"):

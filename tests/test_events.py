@@ -21,6 +21,7 @@ import pytest
 from django.db import connection
 
 from project.asgi import django_application
+from project.handler import RequestThreads
 from support import services
 from support.api import events as events_view
 from support.api import feed as feed_module
@@ -725,17 +726,18 @@ async def _until(condition, what: str):
 
 
 async def test_waiting_streams_hold_no_request_thread_and_no_database_connection(
-    admin_client, admin, asgi_app
+    admin_client, admin, asgi_app, monkeypatch
 ):
     agents = [await run_sync(create_user, agent=True) for _ in range(3)]
     await admin_client.post("/api/tickets/", json={"title": "history"})
-    threads = django_application.threads
+    # a pool of this test's own: an earlier test's thread released as its loop closed never
+    # comes back to the shared one
+    threads = RequestThreads(size=4, wait_timeout=5.0)
+    monkeypatch.setattr(django_application, "threads", threads)
 
     def busy_threads() -> int:
         return threads.started - len(threads._idle)
 
-    # A thread released while its call was ending goes back through the loop that ran it; an
-    # earlier test's loop may have closed first (each test has its own): count from here.
     busy_before = busy_threads()
 
     def connections_out() -> int:
