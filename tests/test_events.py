@@ -26,6 +26,7 @@ from support import services
 from support.api import events as events_view
 from support.api import feed as feed_module
 from support.models import Ticket, TicketEvent
+from support.services import events as events_services
 from support.services.events import Horizon, Snapshot, Viewer, visible_events
 from tests.conftest import create_held, create_tickets, create_user, run_sync
 from tests.servers import psycopg_conninfo, run_uvicorn, tcp_port_owner
@@ -197,7 +198,7 @@ async def settle_feed():
 def test_horizon_unbroken_run_is_final_at_once():
     horizon = Horizon(10)
     # 11, 12 visible, 13 missing (in flight), 14 visible; transactions in flight
-    assert horizon.advance(Snapshot(xmin=100, xmax=105, ids=(11, 12, 14), top=14)) == 12
+    assert horizon.advance(Snapshot(xmin=100, fence=105, ids=(11, 12, 14), top=14)) == 12
     assert horizon.waiting()
 
 
@@ -665,6 +666,32 @@ async def test_an_event_in_flight_holds_back_later_ones_until_its_transaction_en
         assert [e["id"] for e in page.json()["events"]] == expected
         await asyncio.sleep(0.2)
         assert [m["id"] for m in stream.events()] == expected
+
+
+def test_a_younger_transaction_drawing_the_lower_id_holds_the_older_ones_event_back(admin):
+    """A snapshot's xmax is one past the latest *completed* xid: a transaction that got its
+    xid after that and still runs is in no snapshot's in-flight list. Here the older
+    transaction commits the higher id while the younger, still open, holds the lower one and
+    no other xid completes: a page must not pass the lower id until it is decided."""
+    older_ticket, younger_ticket = (t.pk for t in create_tickets(admin, 2))
+    start = last_id()
+    with (
+        psycopg.connect(psycopg_conninfo("events-test-older")) as older,
+        psycopg.connect(psycopg_conninfo("events-test-younger")) as younger,
+    ):
+        older.execute("SELECT pg_current_xact_id()")  # the older xid
+        younger.execute("SELECT pg_current_xact_id()")  # the younger one
+        lower = _hold_an_event(younger, younger_ticket, admin.pk)
+        higher = _hold_an_event(older, older_ticket, admin.pk)
+        assert higher > lower
+        older.commit()
+        assert ids_after(start) == [higher]  # what a naive reader sees
+        snapshot = events_services.read_top(start)
+        assert snapshot.xmin < snapshot.fence  # the younger xid is below the fence
+        assert events_services.final_horizon(start, wait=0.2) == start
+        younger.commit()
+    assert events_services.final_horizon(start) == higher
+    assert ids_after(start) == [lower, higher]
 
 
 async def test_a_page_without_a_cursor_answers_503_while_the_position_stays_unknown(

@@ -95,7 +95,11 @@ class _Postgres:
         self.conn = await psycopg.AsyncConnection.connect(
             **live.conninfo(APPLICATION_NAME),
             autocommit=True,
-            options=f"-c TimeZone=UTC -c statement_timeout={settings.DB_STATEMENT_TIMEOUT_MS}",
+            # a poll's commit holds only its fence (support.services.events): no disk wait
+            options=(
+                f"-c TimeZone=UTC -c statement_timeout={settings.DB_STATEMENT_TIMEOUT_MS}"
+                " -c synchronous_commit=off"
+            ),
         )
 
     async def close(self) -> None:
@@ -111,15 +115,15 @@ class _Postgres:
             return await cursor.fetchall()
 
     async def top(self) -> Snapshot:
-        [(xmin, xmax, top, _)] = await self._fetch(SNAPSHOT_TOP_SQL, {"after": 0, "limit": 0})
-        return Snapshot(xmin, xmax, (), top or 0)
+        [(xmin, fence, top, _)] = await self._fetch(SNAPSHOT_TOP_SQL, {"after": 0, "limit": 0})
+        return Snapshot(xmin, fence, (), top or 0)
 
     async def poll(self, after: int) -> tuple[Snapshot, list[dict]]:
         records = await self._fetch(SNAPSHOT_ROWS_SQL, {"after": after, "limit": READ})
         rows = [dict(zip(EVENT_FIELDS, r[2:], strict=True)) for r in records if r[2] is not None]
-        xmin, xmax = records[0][:2]
+        xmin, fence = records[0][:2]
         ids = tuple(row["id"] for row in rows)
-        return Snapshot(xmin, xmax, ids, ids[-1] if ids else after), rows
+        return Snapshot(xmin, fence, ids, ids[-1] if ids else after), rows
 
 
 class _Sqlite:

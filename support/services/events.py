@@ -9,7 +9,7 @@ transactions commit in any order: a reader may see id X+2 committed while X+1 is
 flight. So the feed serves only events up to the *horizon*, the id up to which every id is
 final: committed and visible, or never to exist (rolled back). :class:`Horizon` advances it
 from snapshots of the database, each read in one statement (:data:`SNAPSHOT_ROWS_SQL`,
-:data:`SNAPSHOT_TOP_SQL`): the ``xmin`` and ``xmax`` of ``pg_current_snapshot()`` and the
+:data:`SNAPSHOT_TOP_SQL`): the ``xmin`` of ``pg_current_snapshot()``, a fence (below) and the
 visible ids above the cursor, in id order.
 
 Why the rule holds (PostgreSQL 13+). Every transaction that writes events writes or locks a
@@ -17,12 +17,20 @@ ticket first (support.services.records.record), so it has a transaction id (xid)
 events draw their ids. Take a snapshot S whose highest visible event id is ``top``, and an id
 below ``top`` that S does not show. Its transaction drew it before ``top`` was drawn, and
 ``top``'s transaction committed before S was taken; so that transaction had its xid before S,
-below S's ``xmax``, and was in flight at S (or rolled back). Hence:
+and was in flight at S (or rolled back). A snapshot's own ``xmax`` does not bound such xids
+(it is one past the latest *completed* xid: a transaction that got its xid after that and is
+still running is not in the snapshot at all), so each read takes a **fence**: the reading
+statement's own ``pg_current_xact_id()``, assigned after its snapshot, so above every xid
+handed out before S. Hence:
 
 1. the unbroken run of visible ids right after the cursor is final at once;
-2. when S has ``xmin == xmax`` (no transaction in flight), every id up to ``top`` is final;
-3. every id up to ``top`` is final once a later snapshot has ``xmin >= xmax(S)``: every
-   transaction that was in flight at S has ended by then.
+2. when S has ``xmin`` equal to its fence, no xid below the fence was running at S: every id
+   up to ``top`` is final;
+3. every id up to ``top`` is final once a later snapshot has ``xmin >=`` S's fence: every
+   transaction that had its xid before S has ended by then.
+
+Each read thus costs an xid and a (tiny) commit; the feed's own connection commits those
+without waiting for the disk (``synchronous_commit=off``: a fence's commit carries no data).
 
 The rule looks at the whole id sequence, never at one agent's filtered rows: an agent's page
 is read up to a horizon computed on every event. Its costs: ``xmin`` is the cluster's oldest
@@ -63,10 +71,11 @@ EVENT_FIELDS = (
     "changes",
 )
 
-# The feed's poll: the snapshot's xmin and xmax, and the events above the cursor in id order
-# (at most ``limit``), in one statement, so with one snapshot. No event: one row of NULLs.
+# The feed's poll: the snapshot's xmin, the fence (module docstring), and the events above the
+# cursor in id order (at most ``limit``), in one statement, so with one snapshot. No event:
+# one row of NULLs.
 SNAPSHOT_ROWS_SQL = """
-    SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+    SELECT pg_snapshot_xmin(s)::text::bigint, pg_current_xact_id()::text::bigint,
            e.id, e.ticket_id, e.at, e.actor_id, e.kind, e.from_status, e.to_status,
            e.agent_id, e.previous_agent_id, e.changes
     FROM pg_current_snapshot() AS s
@@ -76,10 +85,10 @@ SNAPSHOT_ROWS_SQL = """
     ORDER BY e.id
 """
 
-# A page's (and the feed's start's) look: xmin, xmax, the highest visible id, and the first
-# ``limit`` visible ids above the cursor (for the unbroken run), in one statement.
+# A page's (and the feed's start's) look: xmin, the fence, the highest visible id, and the
+# first ``limit`` visible ids above the cursor (for the unbroken run), in one statement.
 SNAPSHOT_TOP_SQL = """
-    SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+    SELECT pg_snapshot_xmin(s)::text::bigint, pg_current_xact_id()::text::bigint,
            (SELECT max(id) FROM support_ticketevent),
            ARRAY(SELECT id FROM support_ticketevent WHERE id > %(after)s
                  ORDER BY id LIMIT %(limit)s)
@@ -91,10 +100,11 @@ SNAPSHOT_TOP_SQL = """
 class Snapshot:
     """What one statement saw: ``ids``, the visible ids above the cursor in order (the first
     of them, when the read was limited), and ``top``, the highest visible id it knows of (at
-    least the last of ``ids``). On SQLite ``xmin == xmax == 0``: nothing is ever in flight."""
+    least the last of ``ids``); ``fence``, above every xid handed out before it. On SQLite
+    ``xmin == fence == 0``: nothing is ever in flight."""
 
     xmin: int
-    xmax: int
+    fence: int
     ids: tuple[int, ...]
     top: int
 
@@ -109,17 +119,17 @@ class Horizon:
 
     def __init__(self, cursor: int):
         self.final = cursor
-        # (top, xmax) of earlier snapshots whose tops are not final yet, tops ascending
+        # (top, fence) of earlier snapshots whose tops are not final yet, tops ascending
         self._fences: deque[tuple[int, int]] = deque()
 
     def advance(self, snap: Snapshot, *, reach: int | None = None) -> int:
         """The new horizon after ``snap``. ``reach``: the highest id the caller has in hand
         (the feed's limited read): the horizon does not pass it."""
         final = self.final
-        if snap.xmin == snap.xmax:  # rule 2: nothing in flight
+        if snap.xmin == snap.fence:  # rule 2: nothing in flight
             final = max(final, snap.top)
-        for top, xmax in self._fences:  # rule 3: what was in flight then has ended
-            if snap.xmin >= xmax:
+        for top, fence in self._fences:  # rule 3: what was in flight then has ended
+            if snap.xmin >= fence:
                 final = max(final, top)
         if reach is not None:
             final = max(self.final, min(final, reach))
@@ -130,7 +140,7 @@ class Horizon:
                 break
         newer = not self._fences or snap.top > self._fences[-1][0]
         if snap.top > final and newer and len(self._fences) < self.MAX_FENCES:
-            self._fences.append((snap.top, snap.xmax))
+            self._fences.append((snap.top, snap.fence))
         while self._fences and self._fences[0][0] <= final:
             self._fences.popleft()
         self.final = final
@@ -149,18 +159,18 @@ PAGE_POLL_SECONDS = 0.005
 
 
 def read_top(after: int, scan: int = SCAN) -> Snapshot:
-    """One look at the history: xmin, xmax, the highest visible id, the first ids after
+    """One look at the history: xmin, the fence, the highest visible id, the first ids after
     ``after``."""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(SNAPSHOT_TOP_SQL, {"after": after, "limit": scan})
-            xmin, xmax, top, ids = cursor.fetchone()
+            xmin, fence, top, ids = cursor.fetchone()
         else:  # nothing is ever in flight; the unbroken run is not needed
             cursor.execute("SELECT max(id) FROM support_ticketevent")
             (top,) = cursor.fetchone()
-            xmin = xmax = 0
+            xmin = fence = 0
             ids = []
-    return Snapshot(xmin, xmax, tuple(ids), max(top or 0, after))
+    return Snapshot(xmin, fence, tuple(ids), max(top or 0, after))
 
 
 class HorizonUnknown(Exception):
