@@ -91,8 +91,10 @@ class Subscriber:
                     elif raw.startswith("data:"):
                         data = raw[5:].strip()
                     elif raw == "" and event_id is not None:
-                        self.ids.append(event_id)
-                        self.latency_ms.append((time.time() - epoch(json.loads(data)["at"])) * 1000)
+                        if data is not None:  # else a position only (a ping, the start)
+                            self.ids.append(event_id)
+                            at = epoch(json.loads(data)["at"])
+                            self.latency_ms.append((time.time() - at) * 1000)
                         last, event_id, data = event_id, None, None
             except (ConnectionError, OSError, asyncio.IncompleteReadError):
                 pass

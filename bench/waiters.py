@@ -230,6 +230,13 @@ async def arrivals(
     return sent
 
 
+def answered_early(tasks: list[asyncio.Task]) -> None:
+    """No waiter is answered before tickets arrive: one that was (an error) ends the run."""
+    for task in tasks:
+        if task.done():
+            raise RuntimeError(f"a waiter was answered before any ticket: {task.exception()!r}")
+
+
 # --- Phase 1: waiting ---------------------------------------------------------------------------
 async def wait_phase(args, server, db, users, workers, postmaster) -> dict:
     agents = [users["first_agent"] + n for n in range(args.agents)]
@@ -253,9 +260,11 @@ async def wait_phase(args, server, db, users, workers, postmaster) -> dict:
         started.append(time.monotonic())
         tasks.append(asyncio.create_task(waiter(n, conn)))
         if n % 50 == 49:  # in order: the waiters of a batch reach the workers together
-            while waiting_agents(server.base_url) < n + 1:  # noqa: ASYNC110 (another process)
+            while waiting_agents(server.base_url) < n + 1:
+                answered_early(tasks)
                 await asyncio.sleep(0.01)
-    while waiting_agents(server.base_url) < len(agents):  # noqa: ASYNC110
+    while waiting_agents(server.base_url) < len(agents):
+        answered_early(tasks)
         await asyncio.sleep(0.05)
     log(f"{len(agents)} agents waiting")
     await asyncio.sleep(2)  # settle

@@ -2,18 +2,24 @@
 
 An agent that asks ``GET /api/agent/tickets/?wait=N`` and holds nothing after its top-up waits
 here, on the event loop, holding no thread and no database connection. Tickets entering the
-pool (a creation, a release, a reopening) make PostgreSQL send ``NOTIFY support_pool, '<n>'``
-at commit (migration 0011). Each worker process keeps one connection listening for it, straight
-to PostgreSQL (``SUPPORT_LISTEN_DATABASE_URL``: LISTEN needs a session, which a transaction
-pooler does not give), and wakes enough of its waiters to take ``n`` tickets, longest waiter
-first. A woken waiter makes the same locked top-up as any fetch; one that finds the tickets
-already taken (by a waiter of another process) waits again, in its place.
+pool (a creation, a release, a reopening) make PostgreSQL send
+``NOTIFY support_pool, '<how many> <when>'`` at commit (migration 0011). Each worker process
+keeps one connection listening for it, straight to PostgreSQL (``SUPPORT_LISTEN_DATABASE_URL``:
+LISTEN needs a session, which a transaction pooler does not give), and wakes enough of its
+waiters to take that many tickets, longest waiter first. A woken waiter makes the same locked
+top-up as any fetch; one that finds the tickets already taken (by a waiter of another process)
+waits again, in its place.
 
 Fairness: within a process, the longest waiter is served first. Across processes there is no
 global queue: every process wakes its own longest waiters and the database gives each ticket
 to whichever top-up takes it first (``SKIP LOCKED``). No ticket goes to two agents, and every
 waiter is woken for every ticket while it waits, but a waiter of one process may be served
 before an older waiter of another.
+
+While waiters sleep, the listening connection also looks at the pool every
+``SUPPORT_WAIT_POLL_SECONDS`` (one statement on that connection): a wake may be spent without
+the ticket being taken (it was locked by someone else just then) and no later notification
+come; the look wakes waiters for what is still there.
 
 If the listening connection is lost, the process tries to reopen it every
 ``SUPPORT_WAIT_POLL_SECONDS`` and meanwhile looks at the pool itself at that interval (the
@@ -46,12 +52,29 @@ KEEPALIVE = 30.0  # seconds of silence after which the listening connection is c
 APPLICATION_NAME = "support-listener"
 
 
+_NOT_LIBPQ = {
+    "pool",
+    "options",  # the app's own session settings (timeouts): a direct session sets its own
+    "application_name",
+    "connect_timeout",
+    "prepare_threshold",
+    "server_side_binding",
+    "cursor_factory",
+    "isolation_level",
+    "assume_role",
+}
+
+
 def conninfo(application_name: str) -> dict:
     """Connection parameters for a session straight to PostgreSQL: SUPPORT_LISTEN_DATABASE_URL,
     or the app's own database (as the app connects to it: in tests, the test database)."""
     url = settings.SUPPORT_LISTEN_DATABASE_URL
     db = dj_database_url.parse(url) if url else connections["default"].settings_dict
+    # libpq's own options (sslmode, sslrootcert...) as given; not the pool's or Django's
     params = {
+        key: value for key, value in (db.get("OPTIONS") or {}).items() if key not in _NOT_LIBPQ
+    }
+    params |= {
         "dbname": db["NAME"],
         "user": db.get("USER") or None,
         "password": db.get("PASSWORD") or None,
@@ -110,7 +133,7 @@ class Pool:
         """Wait until tickets may be there for ``waiter`` (True) or ``deadline`` (False, on
         the event loop's clock; also once the worker is stopping). Holds nothing but the
         waiter's place."""
-        if self.stopping:
+        if self.stopping or self.loop.time() >= deadline:
             return False
         if not waiter.woken.is_set():
             waiter.asleep = True
@@ -169,12 +192,18 @@ class Pool:
             if connections["default"].vendor == "postgresql":
                 try:
                     await self._listen()
-                except (psycopg.Error, OSError, TimeoutError) as exc:
+                except Exception as exc:  # whatever it was, waiters are served by polling
                     now = self.loop.time()
                     if self.listening or now - self._warned > 60:  # once a minute while down
                         self._warned = now
                         what = "lost" if self.listening else "could not open"
-                        log.warning("listening connection %s: %s; polling the pool", what, exc)
+                        expected = isinstance(exc, psycopg.Error | OSError | TimeoutError)
+                        log.warning(
+                            "listening connection %s: %s; polling the pool",
+                            what,
+                            exc,
+                            exc_info=not expected,
+                        )
                 finally:
                     self._listening(False)
             # Down (or SQLite): look at the pool while anyone waits, then try again.
@@ -193,11 +222,17 @@ class Pool:
             # What entered while nobody listened (the first start included).
             await self._found(await _open_count(conn))
             while True:
-                async for notify in conn.notifies(timeout=KEEPALIVE):
-                    self.wake(int(notify.payload or 1))
-                # a quiet spell: check the connection is still there
+                quiet = settings.SUPPORT_WAIT_POLL_SECONDS if self.waiting else KEEPALIVE
+                async for notify in conn.notifies(timeout=quiet):
+                    self.wake(int(notify.payload.split()[0]))
+                # A quiet spell. With waiters asleep, a look at the pool: a wake can be spent
+                # without a ticket taken (a ticket locked by someone else just then, an agent
+                # waiting twice) and no later notification may come. Either way the look
+                # also checks that the connection is still there.
                 async with asyncio.timeout(settings.DB_CONNECT_TIMEOUT):
-                    await conn.execute("SELECT 1")
+                    found = await _open_count(conn)
+                if self.waiting:
+                    await self._found(found)
 
     def _listening(self, up: bool) -> None:
         self.listening = up
@@ -233,7 +268,8 @@ def _open_count_through_app() -> int:
         connections["default"].close()
 
 
-_on_stop: dict[asyncio.AbstractEventLoop, list] = {}
+_on_stop: dict[asyncio.AbstractEventLoop, list] = {}  # by event loop: what to call
+_signals_chained = False
 
 
 def on_stop(callback):
@@ -241,23 +277,22 @@ def on_stop(callback):
     SIGINT, before uvicorn's own handler starts its graceful shutdown, which waits for open
     requests): long waits and streams end at once rather than being cut off after it.
     Returns a function that takes the callback back."""
+    global _signals_chained
     loop = asyncio.get_running_loop()
-    callbacks = _on_stop.get(loop)
-    if callbacks is None:
-        for old in [old for old in _on_stop if old.is_closed()]:
-            del _on_stop[old]
-        callbacks = _on_stop[loop] = []
-        _chain_signals(loop, callbacks)
+    for old in [old for old in _on_stop if old.is_closed()]:
+        del _on_stop[old]
+    callbacks = _on_stop.setdefault(loop, [])
     callbacks.append(callback)
+    if not _signals_chained and threading.current_thread() is threading.main_thread():
+        _signals_chained = True
+        _chain_signals()
     return lambda: callback in callbacks and callbacks.remove(callback)
 
 
-def _chain_signals(loop: asyncio.AbstractEventLoop, callbacks: list) -> None:
-    """In front of the handlers in place (uvicorn's), once per event loop."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+def _chain_signals() -> None:
+    """One handler per process, in front of the one in place (uvicorn's, once it serves)."""
 
-    def stopping():
+    def stopping(callbacks):
         for callback in list(callbacks):
             callback()
 
@@ -267,8 +302,9 @@ def _chain_signals(loop: asyncio.AbstractEventLoop, callbacks: list) -> None:
             continue
 
         def handler(signum, frame, previous=previous):
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(stopping)
+            for loop, callbacks in list(_on_stop.items()):
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(stopping, callbacks)
             previous(signum, frame)
 
         signal.signal(sig, handler)

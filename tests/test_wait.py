@@ -315,7 +315,57 @@ async def test_the_notification_is_sent_at_commit_only():
         assert got == []
         await run_sync(write, True)
         got = [n.payload async for n in conn.notifies(timeout=2, stop_after=1)]
-        assert got == ["3"]
+        assert [payload.split()[0] for payload in got] == ["3"]
+
+
+async def test_two_statements_putting_as_many_tickets_in_the_pool_notify_twice():
+    """PostgreSQL delivers one of a transaction's identical notifications: the payload
+    differs for each statement, so both counts reach the waiters."""
+    params = live.conninfo("test-listen")
+    async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
+        await conn.execute("LISTEN support_pool")
+
+        def write():
+            from django.db import transaction
+
+            admin = create_user(staff=True)
+            with transaction.atomic():
+                create_tickets(admin, 2)
+                create_tickets(admin, 2)
+
+        await run_sync(write)
+        got = [n.payload async for n in conn.notifies(timeout=2, stop_after=2)]
+        assert [payload.split()[0] for payload in got] == ["2", "2"]
+
+
+def _lock_open_tickets(conn) -> None:
+    conn.execute("SELECT id FROM support_ticket WHERE status = 'open' FOR UPDATE")
+
+
+async def test_a_ticket_skipped_while_locked_is_found_by_the_look_at_the_pool(agent_client, admin):
+    """The waiter's top-up skips an open ticket someone holds locked (SKIP LOCKED) and no
+    notification follows its unlocking: the listening connection's look at the pool, while
+    waiters sleep, finds it."""
+    (ticket,) = await run_sync(create_tickets, admin, 1)
+    with override_settings(SUPPORT_WAIT_POLL_SECONDS=0.3):
+        with psycopg.connect(psycopg_conninfo("test-locker")) as locker:
+            _lock_open_tickets(locker)
+            fetch = asyncio.create_task(timed_get(agent_client, "/api/agent/tickets/?wait=20"))
+            await waiting(1)
+            await asyncio.sleep(0.5)  # a look or two find the ticket, still locked
+            assert not fetch.done()
+        r, took = await fetch  # the lock is gone: the next look wakes the waiter
+    assert [t["id"] for t in r.json()] == [ticket.pk]
+    assert took < 5
+
+
+async def test_a_wait_ends_at_its_deadline_even_when_woken_again_and_again():
+    pool = live.pool()
+    waiter = pool.join()
+    waiter.woken.set()
+    deadline = asyncio.get_running_loop().time() - 0.001
+    assert await pool.wait(waiter, deadline) is False
+    pool.leave(waiter)
 
 
 def _waiting_agents(server) -> float:

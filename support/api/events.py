@@ -163,14 +163,17 @@ class EventFeedView(APIView):
                     if not allowed:
                         yield b": the caller may no longer read this stream\n\n"
                         return
-                    yield PING
+                    # the position rides on the heartbeat: a client that saw nothing of late
+                    # (an agent's, a quiet stream's) resumes from here, not from "now"
+                    yield PING if cursor is None else b": ping\nid: %d\n\n" % cursor
                     next_beat = loop.time() + beat
                 wake = events.wake  # before looking: an advance from here on wakes us
                 if events.stopping:
                     return  # the worker stops: the client reconnects to one that runs
                 if events.final is not None:
                     if cursor is None:
-                        cursor = events.final  # the stream starts now
+                        cursor = events.final  # the stream starts now: say where that is
+                        yield b"id: %d\n\n" % cursor
                     if cursor < events.floor:
                         upto = events.final
                         try:

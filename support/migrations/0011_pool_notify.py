@@ -2,7 +2,7 @@
 
 The counting trigger of migration 0009 already knows each statement's change in the number of
 open tickets; when it grows (a creation, a release, a reopening) the trigger now also sends
-``NOTIFY support_pool, '<how many>'``. PostgreSQL delivers it when, and only if, the
+``NOTIFY support_pool, '<how many> <when>'``. PostgreSQL delivers it when, and only if, the
 transaction commits; every worker's listening connection (support.live) hears it and wakes
 its longest waiters. Statements that take tickets out of the pool (a fetch) or move none in
 send nothing.
@@ -16,8 +16,11 @@ import importlib
 from django.db import migrations
 
 ANCHOR = "    -- The session's own shard:"
+# The payload is "<how many> <when>": PostgreSQL delivers one of a transaction's identical
+# notifications, and two statements of one transaction (an idle sweep releasing two agents'
+# tickets) may each put the same number of tickets in the pool.
 NOTIFY = """    IF d_open > 0 THEN
-        PERFORM pg_notify('support_pool', d_open::text);
+        PERFORM pg_notify('support_pool', d_open::text || ' ' || clock_timestamp()::text);
     END IF;
 """
 
