@@ -3,6 +3,7 @@
 import itertools
 
 import httpx
+import psycopg
 import pytest
 from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
@@ -180,9 +181,13 @@ def _close_pool_before_teardown(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         # Each test has its own event loop; a loop a test left behind (schemathesis runs the
         # app on one of its own) may still hold a worker's listening or event-feed session.
-        with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute(
+        if connection.vendor == "postgresql" and connection.settings_dict["NAME"].startswith(
+            "test_"
+        ):  # the test database is in use (a session of server tests alone has none)
+            from tests.servers import psycopg_conninfo
+
+            with psycopg.connect(psycopg_conninfo(), autocommit=True) as conn:
+                conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     " AND application_name IN ('support-listener', 'support-events')"
