@@ -395,8 +395,11 @@ def test_the_event_stream_passes_through_nginx_as_it_happens(stack):
         assert stream.headers["content-type"] == "text/event-stream"
         chunks = stream.iter_raw()
         assert next(chunks) == b"retry: 1000\n\n"
+        position = next(chunks)  # where the stream starts: "now"
+        assert re.fullmatch(rb"id: [0-9]+\n\n", position), position
         started = time.monotonic()
-        assert next(chunks) == b": ping\n\n"  # the app's heartbeat, every second here
+        # the app's heartbeat, every second here, with the position
+        assert next(chunks) == b": ping\n" + position
         assert time.monotonic() - started < 3
         created = api.post("/api/tickets/", json={"title": "streamed through nginx"})
         assert created.status_code == 201
