@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +33,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import DB, PG_SETTINGS, machine, percentile, seed, setup_database, token  # noqa: E402
-from bench.waiters import Connection  # noqa: E402
+from bench.run import PG_SETTINGS, machine, percentile, seed, setup_database, token  # noqa: E402
+from bench.waiters import Connection, service_env  # noqa: E402
 from tests.pg_cluster import start_cluster  # noqa: E402
 from tests.servers import run_uvicorn  # noqa: E402
 
@@ -176,19 +175,7 @@ async def oracle(base_url: str, auth: str, after: int) -> list[int]:
 
 async def main_async(args) -> dict:
     cluster = start_cluster(PG_SETTINGS)
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "project.settings",
-        "DJANGO_DEBUG": "0",
-        "DJANGO_SECRET_KEY": "benchmark-only-" + "k" * 40,
-        "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
-        "DJANGO_SECURE_SSL_REDIRECT": "0",
-        "DATABASE_URL": cluster.url(DB),
-        "DB_POOL_MIN_SIZE": "1",
-        "DB_POOL_MAX_SIZE": "10",
-        "LOG_LEVEL": "WARNING",
-        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="events-metrics-"),
-    }
+    env = service_env(cluster, "events")
     db = setup_database(cluster, env)
     users = seed(db, args.drivers)
     agents = [token(users["first_agent"] + n) for n in range(args.drivers)]

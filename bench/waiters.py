@@ -417,13 +417,10 @@ def postmaster_pid(datadir: str) -> int:
     return int(Path(datadir, "postmaster.pid").read_text().split()[0])
 
 
-def empty_tickets(db: Database) -> None:
-    db.execute("TRUNCATE support_ticketevent, support_ticketassignment, support_ticket")
-
-
-async def main_async(args) -> dict:
-    cluster = start_cluster(PG_SETTINGS)
-    env = {
+def service_env(cluster, label: str, **extra: str) -> dict:
+    """The service's environment for these benchmarks: production settings but for the
+    host, on the throwaway cluster's database, default pool, warnings only in the log."""
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "DJANGO_DEBUG": "0",
@@ -434,9 +431,18 @@ async def main_async(args) -> dict:
         "DB_POOL_MIN_SIZE": "1",
         "DB_POOL_MAX_SIZE": "10",
         "LOG_LEVEL": "WARNING",
-        "METRICS_PUBLIC": "1",
-        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="waiters-metrics-"),
+        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix=f"{label}-metrics-"),
+        **extra,
     }
+
+
+def empty_tickets(db: Database) -> None:
+    db.execute("TRUNCATE support_ticketevent, support_ticketassignment, support_ticket")
+
+
+async def main_async(args) -> dict:
+    cluster = start_cluster(PG_SETTINGS)
+    env = service_env(cluster, "waiters", METRICS_PUBLIC="1")
     db = setup_database(cluster, env)
     users = seed(db, args.agents)
     db.execute("VACUUM ANALYZE")
