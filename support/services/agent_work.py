@@ -95,10 +95,51 @@ def _pool_was_empty(agent_id: int, missing: int) -> None:
 def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str) -> dict:
     """Move a ticket the agent holds, as support.rules lets an agent.
 
-    Locks the agent row, then the ticket row. Raises NotFound when the ticket does not exist or
-    is not the agent's (the two are not told apart), TransitionNotAllowed for a move the rules
-    do not give an agent.
+    Raises NotFound when the ticket does not exist or is not the agent's (the two are not told
+    apart), TransitionNotAllowed for a move the rules do not give an agent.
     """
+    return _move_own_ticket(
+        agent_id=agent_id,
+        ticket_id=ticket_id,
+        to_status=to_status,
+        actor=Actor.AGENT,
+        kind=Kind.STATUS_CHANGED,
+        message=f"ticket {to_status} by agent",
+    )
+
+
+def ticket_release_by_agent(*, agent_id: int, ticket_id: int) -> dict:
+    """The agent hands one of its assigned tickets back to the pool (support.rules' hand-back).
+
+    Raises NotFound when the ticket does not exist or is not the agent's (as for a move),
+    TransitionNotAllowed when the agent holds it in another status (a resolved or closed ticket
+    stays the record of who worked it). Returns the ticket as the pool now has it: open, no
+    agent. Its event: ``released``, reason ``released_by_agent``, the agent as actor.
+    """
+    return _move_own_ticket(
+        agent_id=agent_id,
+        ticket_id=ticket_id,
+        to_status=Status.OPEN,
+        actor=Actor.HAND_BACK,
+        kind=Kind.RELEASED,
+        reason=TicketEvent.Reason.RELEASED_BY_AGENT,
+        message="ticket handed back by agent",
+    )
+
+
+def _move_own_ticket(
+    *,
+    agent_id: int,
+    ticket_id: int,
+    to_status: str,
+    actor: Actor,
+    kind: str,
+    message: str,
+    reason: str | None = None,
+) -> dict:
+    """Locks the agent row, then the ticket row; moves a ticket the agent holds as
+    support.rules lets ``actor``. The agent stays the ticket's agent unless the move ends the
+    assignment (the ticket then goes back to the pool)."""
     with transaction.atomic():
         require_active_agent(lock_users([agent_id]), agent_id)
         row = lock_ticket(ticket_id)
@@ -106,68 +147,28 @@ def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str)
             raise NotFound(NOT_YOURS)
         current = row["status"]
         move = rules.move(current, to_status)
-        if move is None or Actor.AGENT not in move.by:
-            raise TransitionNotAllowed(current, to_status, rules.allowed(current, Actor.AGENT))
+        if move is None or actor not in move.by:
+            raise TransitionNotAllowed(current, to_status, rules.allowed(current, actor))
         now = timezone.now()
+        new_holder = None if move.ends_assignment else agent_id
         move_tickets(
             [ticket_id],
-            kind=Kind.STATUS_CHANGED,
+            kind=kind,
             actor_id=agent_id,
             agent_id=agent_id,
             from_status=current,
             to_status=to_status,
             holder=agent_id,
-            new_holder=agent_id,
+            new_holder=new_holder,
             at=now,
+            reason=reason,
         )
         transaction.on_commit(
-            lambda: obs.log_event(
-                f"ticket {to_status} by agent", ticket_id=ticket_id, agent_id=agent_id
-            )
+            lambda: obs.log_event(message, ticket_id=ticket_id, agent_id=agent_id)
         )
         row.update(status=to_status, updated_at=now)
-        return row
-
-
-def ticket_release_by_agent(*, agent_id: int, ticket_id: int) -> dict:
-    """The agent hands one of its assigned tickets back to the pool (support.rules' hand-back).
-
-    Locks the agent row, then the ticket row. Raises NotFound when the ticket does not exist or
-    is not the agent's (as for a move), TransitionNotAllowed when the agent holds it in another
-    status (a resolved or closed ticket stays the record of who worked it). Returns the ticket
-    as the pool now has it: open, no agent. Its event: ``released``, reason
-    ``released_by_agent``, the agent as actor.
-    """
-    with transaction.atomic():
-        require_active_agent(lock_users([agent_id]), agent_id)
-        row = lock_ticket(ticket_id)
-        if row is None or row["assigned_to_id"] != agent_id:
-            raise NotFound(NOT_YOURS)
-        current = row["status"]
-        move = rules.move(current, Status.OPEN)
-        if move is None or Actor.HAND_BACK not in move.by:
-            raise TransitionNotAllowed(
-                current, Status.OPEN, rules.allowed(current, Actor.HAND_BACK)
-            )
-        now = timezone.now()
-        move_tickets(
-            [ticket_id],
-            kind=Kind.RELEASED,
-            actor_id=agent_id,
-            agent_id=agent_id,
-            from_status=current,
-            to_status=Status.OPEN,
-            holder=agent_id,
-            new_holder=None,
-            at=now,
-            reason=TicketEvent.Reason.RELEASED_BY_AGENT,
-        )
-        transaction.on_commit(
-            lambda: obs.log_event(
-                "ticket handed back by agent", ticket_id=ticket_id, agent_id=agent_id
-            )
-        )
-        row.update(status=Status.OPEN, updated_at=now, assigned_to_id=None, assigned_at=None)
+        if new_holder is None:
+            row.update(assigned_to_id=None, assigned_at=None)
         return row
 
 
