@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 
 from django.contrib.auth import get_user_model
-from django.db import OperationalError, connection
+from django.db import IntegrityError, OperationalError, connection
 
 _lock = threading.Lock()
 _marks: dict[int, float] = {}  # agent id -> time.time() of its latest request
@@ -82,9 +82,10 @@ _SQLITE_ROWS_PER_STATEMENT = 400  # two parameters each, under SQLite's limit of
 
 def flush() -> int:
     """Write the marks taken since the last flush, in one upsert (on SQLite, one per 400
-    agents). Returns how many agents it wrote. When the database is unavailable the marks are
-    kept for the next flush; the error is raised either way (any other error drops them:
-    the agents' next requests mark them again, and no mark can block every later flush)."""
+    agents). Returns how many agents it wrote. When the database is unavailable, or a marked
+    user is deleted while the upsert runs, the marks are kept for the next flush (which skips
+    users gone); the error is raised either way (any other error drops them: the agents' next
+    requests mark them again, and no mark can block every later flush)."""
     marks = _take()
     if not marks:
         return 0
@@ -102,7 +103,9 @@ def flush() -> int:
                     values = ", ".join("(%s, %s)" for _ in chunk)
                     params = [p for i in chunk for p in (ids[i], adapt(times[i]))]
                     cursor.execute(_UPSERT_SQLITE.format(users=users, values=values), params)
-    except OperationalError:
+    except (OperationalError, IntegrityError):
+        # the database unavailable, or a user deleted while the upsert ran (its reference
+        # fails at the end): the next flush writes them all, but for the user now gone
         _put_back(marks)
         raise
     return len(ids)

@@ -26,7 +26,7 @@ import httpx
 import psycopg
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connection, connections
+from django.db import IntegrityError, OperationalError, connection, connections
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -210,6 +210,32 @@ def test_a_flush_that_finds_the_database_down_keeps_its_marks_for_the_next(agent
     monkeypatch.undo()
     assert presence.flush() == 1
     assert AgentPresence.objects.filter(agent_id=agent.pk).exists()
+
+
+def test_a_flush_that_meets_a_user_deleted_meanwhile_keeps_the_other_marks(agent):
+    """The user is deleted by another connection while the flush's upsert runs: its
+    reference check waits for that deletion and fails at the end. The other agents' marks
+    are kept, and the next flush writes them (and skips the user now gone)."""
+    doomed = create_user(agent=True)
+    presence.seen(agent.pk)
+    presence.seen(doomed.pk)
+    with psycopg.connect(psycopg_conninfo("presence-deleter")) as deleter:
+        for table, column in (
+            ("support_apitoken", "user_id"),
+            ("auth_user_groups", "user_id"),
+            ("auth_user", "id"),
+        ):
+            deleter.execute(f"DELETE FROM {table} WHERE {column} = %s", [doomed.pk])  # noqa: S608
+        timer = threading.Timer(0.5, deleter.commit)
+        timer.start()
+        try:
+            with pytest.raises(IntegrityError):
+                presence.flush()  # waits on the deletion's row lock, then fails
+        finally:
+            timer.join()
+    assert set(presence.pending()) == {agent.pk, doomed.pk}
+    assert presence.flush() == 2  # asked for two; the gone user is skipped by the upsert
+    assert list(AgentPresence.objects.values_list("agent_id", flat=True)) == [agent.pk]
 
 
 def test_seen_marks_an_agent_without_a_request(agent):
