@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import PG_SETTINGS, machine, percentile, seed, setup_database, token  # noqa: E402
-from bench.waiters import Connection, service_env  # noqa: E402
+from bench.waiters import Connection, service_env, write  # noqa: E402
 from tests.pg_cluster import start_cluster  # noqa: E402
 from tests.servers import run_uvicorn  # noqa: E402
 
@@ -299,12 +299,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    data = asyncio.run(main_async(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
-    args.out.with_suffix(".table.md").write_text(markdown(data))
-    log(f"wrote {args.out}")
-    print(markdown(data))
+    write(args.out, asyncio.run(main_async(args)), markdown)
 
 
 if __name__ == "__main__":

@@ -517,11 +517,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.arrivals + args.idle + 10 > WAIT:
         raise SystemExit(f"--arrivals + --idle must leave the waiters' {WAIT} s some room")
-    data = asyncio.run(main_async(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
-    args.out.with_suffix(".table.md").write_text(markdown(data))
-    log(f"wrote {args.out}")
+    write(args.out, asyncio.run(main_async(args)), markdown)
+
+
+def write(out: Path, data: dict, markdown) -> None:
+    """The figures as JSON at ``out``, and their table beside it (``.table.md``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".table.md").write_text(markdown(data))
+    print(f"wrote {out}", flush=True)
     print(markdown(data))
 
 

@@ -11,6 +11,7 @@ process group (the server and the workers it started).
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -300,3 +301,53 @@ def serve_process(
     finally:
         stop_process(proc)
         log_path.unlink(missing_ok=True)
+
+
+# --- What the README prints, and what deployment tests need ---------------------------------
+def readme_block(kind: str, name: str) -> str:
+    """The fenced block after ``<!-- kind: name -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- {kind}: {name} -->\n```\w*\n(.*?)```", text, re.S)
+    assert found, f"README: no block marked {kind}: {name}"
+    return found.group(1)
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """``text`` with each placeholder replaced, failing when one is no longer in it."""
+    for placeholder, value in values.items():
+        assert placeholder in text, f"{placeholder!r} is not in the README's block any more"
+        text = text.replace(placeholder, value)
+    return text
+
+
+def self_signed_certificate(folder: Path) -> Path:
+    """``folder/tls`` with fullchain.pem and privkey.pem for 127.0.0.1 and localhost, as
+    deploy/'s nginx sites read them."""
+    tls = folder / "tls"
+    tls.mkdir()
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(tls / "privkey.pem"),
+            "-out",
+            str(tls / "fullchain.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return tls

@@ -39,7 +39,13 @@ from django.db import connection
 from support.models import Ticket
 from tests.conftest import PASSWORD, create_user
 from tests.invariants import assert_invariants
-from tests.servers import accepts_unix, database_url, free_port, stop_process
+from tests.servers import (
+    accepts_unix,
+    database_url,
+    free_port,
+    self_signed_certificate,
+    stop_process,
+)
 
 # The stack's workers use the test database (and migrate it, as in production): every test
 # here declares it, so it exists even when one test runs alone.
@@ -164,37 +170,6 @@ def _database_url() -> str:
     return database_url()
 
 
-def _make_certificate(tmp: Path) -> Path:
-    tls = tmp / "tls"
-    tls.mkdir()
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(tls / "privkey.pem"),
-            "-out",
-            str(tls / "fullchain.pem"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return tls
-
-
 def _write_nginx_config(stack: Stack, tls_dir: Path) -> Path:
     tmp = stack.tmp
     site = _substitute(
@@ -252,7 +227,7 @@ def _start(name: str, command: list[str], stack: Stack, env: dict | None = None)
 @pytest.fixture(scope="module")
 def stack(django_db_setup, tmp_path_factory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("deploy")
-    tls_dir = _make_certificate(tmp)
+    tls_dir = self_signed_certificate(tmp)
     tls = ssl.create_default_context(cafile=str(tls_dir / "fullchain.pem"))
     stack = Stack(
         tmp=tmp,

@@ -32,10 +32,10 @@ import psycopg
 import pytest
 
 import tests.settings as test_settings
+from tests import servers
 from tests.pg_cluster import free_port
-from tests.servers import ROOT, accepts_unix, database_url, run_uvicorn, stop_process
+from tests.servers import ROOT, accepts_unix, database_url, fill, run_uvicorn, stop_process
 
-README = ROOT / "README.md"
 DOCKERFILE = ROOT / "Dockerfile"
 STARTUP = 90.0  # the start migrates a new database first
 # What a service manager gives a process besides its settings.
@@ -45,17 +45,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def readme_block(name: str) -> str:
-    """The fenced block after ``<!-- production: name -->`` in the README."""
-    found = re.search(rf"<!-- production: {name} -->\n```\w*\n(.*?)```", README.read_text(), re.S)
-    assert found, f"README: no block marked production: {name}"
-    return found.group(1)
-
-
-def fill(text: str, values: dict[str, str]) -> str:
-    for placeholder, value in values.items():
-        assert placeholder in text, f"{placeholder!r} is not in the README's block any more"
-        text = text.replace(placeholder, value)
-    return text
+    return servers.readme_block("production", name)
 
 
 def superuser_url(dbname: str = "postgres") -> str:

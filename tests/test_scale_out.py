@@ -32,7 +32,6 @@ event-stream client on B seeing what A committed) starts from it::
 
 import json
 import os
-import re
 import secrets
 import shlex
 import ssl
@@ -54,6 +53,7 @@ from psycopg import sql
 
 import tests.settings as test_settings
 from support.models import Ticket
+from tests import servers
 from tests.conftest import create_tickets, create_user
 from tests.invariants import assert_invariants
 from tests.pg_cluster import free_port
@@ -61,9 +61,11 @@ from tests.pgbouncer import PgBouncer, run_pgbouncer
 from tests.servers import (
     ROOT,
     Server,
+    fill,
     psycopg_conninfo,
     release_test_connections,
     run_uvicorn,
+    self_signed_certificate,
     serve_process,
     stop_process,
     tcp_port_owner,
@@ -71,7 +73,6 @@ from tests.servers import (
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-README = ROOT / "README.md"
 SITE = ROOT / "deploy" / "nginx-scale-out.conf"
 SNIPPET = ROOT / "deploy" / "nginx" / "support.conf"
 NGINX = "/usr/sbin/nginx"
@@ -131,17 +132,7 @@ class TwoHosts:
 
 # --- the README's blocks -------------------------------------------------------------------
 def readme_block(name: str) -> str:
-    """The fenced block after ``<!-- scale-out: name -->`` in the README."""
-    found = re.search(rf"<!-- scale-out: {name} -->\n```\w*\n(.*?)```", README.read_text(), re.S)
-    assert found, f"README: no block marked scale-out: {name}"
-    return found.group(1)
-
-
-def fill(text: str, values: dict[str, str]) -> str:
-    for placeholder, value in values.items():
-        assert placeholder in text, f"{placeholder!r} is not in the README's block any more"
-        text = text.replace(placeholder, value)
-    return text
+    return servers.readme_block("scale-out", name)
 
 
 def bash(script: str) -> str:
@@ -190,42 +181,11 @@ def app_role(password: str) -> Iterator[None]:
             conn.execute(sql.SQL("DROP ROLE {}").format(role))
 
 
-def _certificate(folder: Path) -> Path:
-    tls = folder / "tls"
-    tls.mkdir()
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(tls / "privkey.pem"),
-            "-out",
-            str(tls / "fullchain.pem"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return tls
-
-
 def _nginx_config(folder: Path, hosts: tuple[int, int], ports: dict[str, int]) -> tuple[Path, Path]:
     """deploy/nginx-scale-out.conf with the two hosts' ports, a certificate and the listen
     ports filled in (each exactly once), under a test-only main config with an access log of
     the upstreams each request went to. Returns the main config and the certificate's folder."""
-    tls = _certificate(folder)
+    tls = self_signed_certificate(folder)
     site = SITE.read_text()
     replacements = {
         f"server {PROD_HOSTS[0]} ": f"server 127.0.0.1:{hosts[0]} ",
