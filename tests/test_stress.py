@@ -37,7 +37,13 @@ from support.models import Ticket, TicketAssignment
 from tests.conftest import create_user
 from tests.history import GONE, Call, history_problems, load_events, record, replay
 from tests.invariants import assert_invariants
-from tests.servers import APP_NAME, psycopg_conninfo, release_test_connections, run_uvicorn
+from tests.servers import (
+    APP_NAME,
+    psycopg_conninfo,
+    release_test_connections,
+    run_uvicorn,
+    tcp_port_owner,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -192,17 +198,19 @@ async def _drive(base_url, admin, agents, victims) -> list[Call]:
 
 
 class ActivitySampler(threading.Thread):
-    """Counts the app's sessions (and those idle in transaction) every 100 ms."""
+    """Counts the server's database sessions (and those idle in transaction) every 100 ms:
+    the app's sessions opened by its workers, not by this test process (whose connections
+    carry the same application_name)."""
 
     QUERY = """
-        SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%%')
-        FROM pg_stat_activity
-        WHERE application_name = %s AND datname = %s AND NOT (pid = ANY(%s::int[]))
+        SELECT pid, client_port, state FROM pg_stat_activity
+        WHERE application_name = %s AND datname = %s
     """
 
-    def __init__(self, ignore: list[int]):
+    def __init__(self, workers: list[int]):
         super().__init__(daemon=True)
-        self.ignore = ignore
+        self.workers = workers
+        self.owned: dict[int, bool] = {}  # backend pid -> a worker's session (ports stay)
         self.samples: list[tuple[float, int, int]] = []
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
@@ -210,9 +218,14 @@ class ActivitySampler(threading.Thread):
         self.conninfo = psycopg_conninfo("stress-sampler")
 
     def sample(self, conn) -> tuple[int, int]:
-        total, idle_in_tx = conn.execute(
-            self.QUERY, (APP_NAME, self.dbname, self.ignore)
-        ).fetchone()
+        states = []
+        for pid, port, state in conn.execute(self.QUERY, (APP_NAME, self.dbname)).fetchall():
+            if pid not in self.owned:
+                self.owned[pid] = tcp_port_owner(port, self.workers) is not None
+            if self.owned[pid]:
+                states.append(state or "")
+        total = len(states)
+        idle_in_tx = sum(state.startswith("idle in transaction") for state in states)
         self.samples.append((time.time(), total, idle_in_tx))
         return total, idle_in_tx
 
@@ -230,15 +243,6 @@ class ActivitySampler(threading.Thread):
         self.join(timeout=10)
         assert not self.is_alive(), "the pg_stat_activity sampler hung"
         assert self.failure is None, f"the sampler failed: {self.failure!r}"
-
-
-def _app_backends_now() -> list[int]:
-    with psycopg.connect(psycopg_conninfo("stress-sampler"), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
-            (APP_NAME, connection.settings_dict["NAME"]),
-        ).fetchall()
-    return [pid for (pid,) in rows]
 
 
 def _allowed(call: Call, deactivation: dict[int, Call]) -> set[int]:
@@ -289,8 +293,6 @@ def test_stress_two_workers_many_agents_and_an_admin_with_a_history_checker():
     victims = agents[-2:]  # deactivated by the admin during the run
 
     release_test_connections()
-    leftovers = _app_backends_now()  # this process's, if any survived: not the server's
-    sampler = ActivitySampler(ignore=leftovers)
     env = {
         "DB_POOL_MAX_SIZE": str(POOL_MAX),
         "DB_POOL_MIN_SIZE": "1",
@@ -300,6 +302,7 @@ def test_stress_two_workers_many_agents_and_an_admin_with_a_history_checker():
         "SUPPORT_AGENT_MAX_TICKETS": str(cap),
     }
     with run_uvicorn(workers=WORKERS, env=env) as server:
+        sampler = ActivitySampler(workers=server.worker_pids())
         sampler.start()
         try:
             began = time.monotonic()
