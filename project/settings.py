@@ -293,6 +293,11 @@ SUPPORT_WAIT_POLL_SECONDS = env_float("SUPPORT_WAIT_POLL_SECONDS", 2.0, minimum=
 SUPPORT_EVENTS_POLL_SECONDS = env_float("SUPPORT_EVENTS_POLL_SECONDS", 0.1, minimum=0.01)
 SUPPORT_EVENTS_HEARTBEAT_SECONDS = env_float("SUPPORT_EVENTS_HEARTBEAT_SECONDS", 15.0, minimum=0.1)
 SUPPORT_EVENTS_BUFFER = env_int("SUPPORT_EVENTS_BUFFER", 10_000, minimum=1)
+# Safe retries and edits (support.api.idempotency, support.api.conditional): how long a POST's
+# Idempotency-Key and its answer are kept, and whether an admin's PUT/PATCH/DELETE of a ticket
+# must carry If-Match (428 without).
+SUPPORT_IDEMPOTENCY_TTL_SECONDS = env_int("SUPPORT_IDEMPOTENCY_TTL_SECONDS", 24 * 3600, minimum=1)
+SUPPORT_REQUIRE_IF_MATCH = env_bool("SUPPORT_REQUIRE_IF_MATCH", False)
 # The benchmark's framework floor at /bench/floor/ (bench/README.md); off in production.
 SUPPORT_BENCH_ENDPOINTS = env_bool("SUPPORT_BENCH_ENDPOINTS", False)
 

@@ -42,6 +42,10 @@ class Ticket(models.Model):
         db_index=False,
     )
     assigned_at = models.DateTimeField(null=True, blank=True)
+    # Counts the ticket's changes: 1 at creation, one more with every write of the row (every
+    # write goes through support.services.records.change_tickets, which adds it in the same
+    # UPDATE). The API's ETag is made from it (support.api.conditional).
+    version = models.BigIntegerField(default=1, db_default=1, editable=False)
 
     class Meta:
         indexes = [
@@ -236,3 +240,48 @@ class AgentPresence(models.Model):
 
     def __str__(self) -> str:
         return f"agent {self.agent_id} last seen {self.last_seen:%Y-%m-%d %H:%M:%S}"
+
+
+class IdempotencyKey(models.Model):
+    """A POST made with an ``Idempotency-Key``, and the answer it got (support.api.idempotency).
+
+    Written in the transaction of the request's effect, after it, so the effect and its record
+    commit together or not at all; kept until ``expires_at`` (SUPPORT_IDEMPOTENCY_TTL_SECONDS),
+    then removed by the housekeeping task or ``manage.py purge_idempotency_keys``. A key is one
+    user's: another user's same key is another request.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="+",
+        db_index=False,  # idempotency_key_per_user covers it
+    )
+    key = models.CharField(max_length=255)
+    # SHA-256 of what makes the request this request: method, path, If-Match, the body
+    fingerprint = models.CharField(max_length=64)
+    status = models.PositiveSmallIntegerField()
+    body = models.TextField(blank=True)  # the answer's JSON as sent ("": no body)
+    headers = models.JSONField(default=dict)  # the answer's headers to replay (ETag)
+    # The logout's token, by its hash: the token is gone when the logout is retried, and this
+    # is how the retry is known to be its caller's (support.api.login).
+    credential = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "support_idempotency_key"
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_per_user"),
+        ]
+        indexes = [
+            models.Index(fields=["expires_at"], name="idempotency_expiry_idx"),
+            models.Index(
+                fields=["credential"],
+                condition=~Q(credential=""),
+                name="idempotency_credential_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"key {self.key!r} of user {self.user_id}: {self.status}"

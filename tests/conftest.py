@@ -10,7 +10,7 @@ from django.db import connection
 from django.utils import timezone
 
 from support import services
-from support.models import ApiToken, Ticket, TicketAssignment, TicketEvent
+from support.models import ApiToken, IdempotencyKey, Ticket, TicketAssignment, TicketEvent
 from support.tokens import token_issue
 
 _names = itertools.count(1)
@@ -53,6 +53,7 @@ def db_state() -> dict:
         "users": list(User.objects.order_by("pk").values()),
         "memberships": list(User.groups.through.objects.order_by("pk").values()),
         "tokens": list(ApiToken.objects.order_by("pk").values()),
+        "idempotency_keys": list(IdempotencyKey.objects.order_by("pk").values()),
     }
 
 
@@ -84,6 +85,7 @@ TICKET_KEYS = {
     "assigned_at",
     "created_at",
     "updated_at",
+    "version",
 }
 
 PASSWORD = "pw-for-tests-1"  # create_user's default

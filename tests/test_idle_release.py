@@ -669,6 +669,7 @@ async def test_an_agent_hands_a_ticket_back_to_the_pool(make_client, admin, agen
         "assigned_to": None,
         "assigned_at": None,
         "updated_at": body["updated_at"],
+        "version": held[0]["version"] + 1,
     }
     assert body["updated_at"] > held[0]["updated_at"]
     assert await run_sync(released_events, [ticket]) == [

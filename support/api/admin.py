@@ -6,7 +6,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 
 from support import services
-from support.api import pagination
+from support.api import conditional, pagination
 from support.api.auth import IsAdmin, IsAgent
 from support.api.filters import TicketFilter
 from support.api.schema import (
@@ -33,6 +33,7 @@ from support.models import Ticket
 
 class TicketListView(APIView):
     permission_classes = [IsAdmin]
+    idempotency_keys = True
 
     @extend_schema(
         operation_id="tickets_list",
@@ -77,7 +78,7 @@ class TicketListView(APIView):
         serializer = TicketCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         row = services.ticket_create(**serializer.validated_data, created_by_id=request.user.pk)
-        return Response(ticket_json(row), status=status.HTTP_201_CREATED)
+        return conditional.ticket_response(row, status.HTTP_201_CREATED)
 
 
 class TicketDetailView(APIView):
@@ -89,10 +90,11 @@ class TicketDetailView(APIView):
         responses=answers({200: TicketSerializer}, 401, 403, 404),
     )
     async def get(self, request, pk):
-        return await self.in_thread(self._retrieve, pk)
+        return await self.in_thread(self._retrieve, request, pk)
 
-    def _retrieve(self, pk):
-        return Response(ticket_json(services.ticket_row(pk)))
+    def _retrieve(self, request, pk):
+        row = services.ticket_row(pk)
+        return conditional.not_modified(request, row) or conditional.ticket_response(row)
 
     @extend_schema(
         operation_id="tickets_update",
@@ -117,15 +119,22 @@ class TicketDetailView(APIView):
         return await self.in_thread(self._update, request, pk, partial=True)
 
     def _update(self, request, pk, *, partial):
-        # The ticket first, as DRF's generic views do: an unknown one is 404 whatever the body.
-        # The edit starts from this read, so a valid edit costs no extra statement.
-        holder = services.ticket_holder(pk)
+        versions = conditional.admin_write_versions(request, pk)
+        # The ticket first, as DRF's generic views do: an unknown one is 404, a stale If-Match
+        # 412, whatever the body. The edit starts from this read, so a valid edit costs no
+        # extra statement; its version is compared again under the edit's locks.
+        holder, version = services.ticket_head(pk)
+        services.check_version(pk, version, versions)
         serializer = TicketUpdateSerializer(data=request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
         row = services.ticket_update(
-            ticket_id=pk, changes=serializer.validated_data, actor_id=request.user.pk, holder=holder
+            ticket_id=pk,
+            changes=serializer.validated_data,
+            actor_id=request.user.pk,
+            holder=holder,
+            versions=versions,
         )
-        return Response(ticket_json(row))
+        return conditional.ticket_response(row)
 
     @extend_schema(
         operation_id="tickets_destroy",
@@ -136,7 +145,8 @@ class TicketDetailView(APIView):
         return await self.in_thread(self._delete, request, pk)
 
     def _delete(self, request, pk):
-        services.ticket_delete(ticket_id=pk, actor_id=request.user.pk)
+        versions = conditional.admin_write_versions(request, pk)
+        services.ticket_delete(ticket_id=pk, actor_id=request.user.pk, versions=versions)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -167,6 +177,7 @@ class TicketHistoryView(APIView):
 
 class AgentListView(APIView):
     permission_classes = [IsAdmin]
+    idempotency_keys = True
 
     @extend_schema(
         operation_id="agents_list", responses=answers({200: AgentSerializer(many=True)}, 401, 403)

@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from project.handler import release_request_thread
 from support import live, services
+from support.api import conditional
 from support.api.auth import IsAgent
 from support.api.schema import ID_PATH, TransitionRefusedSerializer, answers, body_errors
 from support.api.serializers import (
@@ -22,6 +23,7 @@ from support.api.views import APIView
 
 class AgentTicketsView(APIView):
     permission_classes = [IsAgent]
+    idempotency_keys = True
 
     @extend_schema(
         operation_id="agent_tickets_fetch",
@@ -105,16 +107,19 @@ class AgentTicketsView(APIView):
             ):
                 raise exceptions.NotFound(services.NOT_YOURS)
             raise exceptions.ValidationError(serializer.errors)
+        ticket_id = serializer.validated_data["ticket_id"]
         row = services.ticket_transition_by_agent(
             agent_id=request.user.pk,
-            ticket_id=serializer.validated_data["ticket_id"],
+            ticket_id=ticket_id,
             to_status=serializer.validated_data["status"],
+            versions=conditional.if_match_versions(request, ticket_id),
         )
-        return Response(ticket_json(row))
+        return conditional.ticket_response(row)
 
 
 class AgentTicketReleaseView(APIView):
     permission_classes = [IsAgent]
+    idempotency_keys = True
 
     @extend_schema(
         operation_id="agent_tickets_release",
@@ -140,5 +145,8 @@ class AgentTicketReleaseView(APIView):
         return await self.in_thread(self._release, request, pk)
 
     def _release(self, request, pk):
-        row = services.ticket_release_by_agent(agent_id=request.user.pk, ticket_id=pk)
-        return Response(ticket_json(row))
+        versions = conditional.if_match_versions(request, pk)
+        row = services.ticket_release_by_agent(
+            agent_id=request.user.pk, ticket_id=pk, versions=versions
+        )
+        return conditional.ticket_response(row)

@@ -36,6 +36,14 @@ _TOKEN = Prepared(_token_query, key_hash=str)
 _USER_FIELDS = ["id", "is_superuser", "username", "is_staff", "is_active"]  # model order
 
 
+def presented_token(request) -> str | None:
+    """The key of the request's ``Authorization: Token <key>``, if it has one."""
+    parts = authentication.get_authorization_header(request).split()
+    if len(parts) == 2 and parts[0].lower() == b"token":
+        return parts[1].decode("latin-1")
+    return None
+
+
 class TokenAuthentication(authentication.TokenAuthentication):
     """DRF's ``Authorization: Token <key>`` scheme over hashed, expiring tokens.
 
@@ -111,3 +119,25 @@ def authenticate_again(request) -> "User | None":
     if user is not None:
         user.is_agent = user.groups.filter(name=settings.SUPPORT_AGENTS_GROUP).exists()
     return user
+
+
+class LogoutAuthentication(TokenAuthentication):
+    """The logout's token check. It also knows a token that a keyed logout revoked, for that
+    logout's retry alone (the same Idempotency-Key): the retry is the same caller's, and gets
+    the first answer (support.api.idempotency) instead of 401."""
+
+    def authenticate(self, request):
+        self._request = request
+        return super().authenticate(request)
+
+    def authenticate_credentials(self, key):
+        try:
+            return super().authenticate_credentials(key)
+        except exceptions.AuthenticationFailed:
+            from support.api import idempotency  # (this module is imported by DRF's settings)
+
+            idempotency_key = idempotency.request_key(self._request)
+            stored = idempotency_key and idempotency.stored_logout(idempotency_key, key_hash(key))
+            if not stored:
+                raise
+            return User(pk=stored.user_id), None

@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from support import services
+from support.api.conditional import etag
 from support.observability import LOCK_TIMEOUTS
 
 log = logging.getLogger("support.api")
@@ -26,6 +27,12 @@ def exception_handler(exc, context):
         return Response(
             {"detail": exc.detail, "current_status": exc.current, "allowed": list(exc.allowed)},
             status=status.HTTP_409_CONFLICT,
+        )
+    if isinstance(exc, services.VersionMismatch):
+        return Response(
+            {"detail": exc.detail},
+            status=status.HTTP_412_PRECONDITION_FAILED,
+            headers={"ETag": etag(exc.ticket_id, exc.version)},
         )
     if isinstance(exc, services.Conflict):
         return Response({"detail": exc.detail}, status=status.HTTP_409_CONFLICT)

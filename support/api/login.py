@@ -6,14 +6,16 @@ from django.contrib.auth import authenticate
 from django.db import DatabaseError
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, permissions, serializers, status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.response import Response
 
+from support.api.auth import LogoutAuthentication, presented_token
 from support.api.schema import answers, body_errors
 from support.api.serializers import TokenRequestSerializer
 from support.api.throttles import LoginByAddressThrottle, LoginFailureLimits, client_address
 from support.api.views import APIView
 from support.models import ApiToken
-from support.tokens import token_issue, token_revoke
+from support.tokens import key_hash, token_issue, token_revoke
 
 
 def _login(username: str, password: str, address: str) -> str | None:
@@ -69,7 +71,15 @@ class ObtainTokenView(APIView):
 
 
 class LogoutView(APIView):
-    """POST: revoke the token this request was made with (other tokens stay valid)."""
+    """POST: revoke the token this request was made with (other tokens stay valid). Retried
+    with its Idempotency-Key after the token is gone, it answers what it first answered."""
+
+    authentication_classes = [LogoutAuthentication, SessionAuthentication]
+    idempotency_keys = True
+
+    def idempotency_credential(self) -> str:
+        token = presented_token(self.request)
+        return key_hash(token) if token else ""
 
     @extend_schema(operation_id="auth_logout", request=None, responses=answers({204: None}, 401))
     async def post(self, request):

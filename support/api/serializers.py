@@ -48,6 +48,10 @@ class TicketSerializer(serializers.Serializer):
     assigned_at = serializers.DateTimeField(read_only=True, allow_null=True)
     created_at = serializers.DateTimeField(read_only=True)
     updated_at = serializers.DateTimeField(read_only=True)
+    version = serializers.IntegerField(
+        read_only=True,
+        help_text="Goes up with every change of the ticket; the ETag is made from it.",
+    )
 
     def to_representation(self, row):
         return {
@@ -61,6 +65,7 @@ class TicketSerializer(serializers.Serializer):
             "assigned_at": _iso(row["assigned_at"]),
             "created_at": _iso(row["created_at"]),
             "updated_at": _iso(row["updated_at"]),
+            "version": row["version"],
         }
 
 

@@ -10,6 +10,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from support import housekeeping
+from support.api import idempotency
 
 
 def rendered(response):
@@ -42,6 +43,14 @@ class APIView(views.APIView):
     the checks: that is refused as a server error, never served.
     """
 
+    # True on a view whose POST changes something: an Idempotency-Key makes it safe to retry
+    # (support.api.idempotency), in the same hop.
+    idempotency_keys = False
+
+    def idempotency_credential(self) -> str:
+        """What besides the user a keyed answer is stored under (support.api.login's)."""
+        return ""
+
     def check_throttles(self, request):
         # adrf's version always goes back to the event loop (async_to_sync) for the async
         # throttles, even when there are none, from the worker thread and back: a second hop.
@@ -52,8 +61,16 @@ class APIView(views.APIView):
 
     async def in_thread(self, work, *args, **kwargs):
         def checks_then_work():
-            self.initial(self.request, *self.args, **self.kwargs)
-            return work(*args, **kwargs)
+            request = self.request
+            self.initial(request, *self.args, **self.kwargs)
+            key = None
+            if self.idempotency_keys and request.method == "POST":
+                key = idempotency.request_key(request)
+            if key is None:
+                return work(*args, **kwargs)
+            return idempotency.keyed(
+                self, key, lambda: work(*args, **kwargs), credential=self.idempotency_credential()
+            )
 
         # the checks run first in the call, or the call fails (no thread free: 503)
         self._checked = True

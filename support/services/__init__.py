@@ -39,6 +39,8 @@ from support.services.errors import (
     NotFound,
     ServiceError,
     TransitionNotAllowed,
+    VersionMismatch,
+    check_version,
 )
 from support.services.idle_release import Sweep, idle_agents_release
 from support.services.selectors import (
@@ -56,6 +58,7 @@ from support.services.selectors import (
     list_count,
     newest_tickets,
     status_count,
+    ticket_head,
     ticket_history,
     ticket_holder,
     ticket_page,
@@ -78,6 +81,7 @@ __all__ = [
     "Sweep",
     "TransitionNotAllowed",
     "User",
+    "VersionMismatch",
     "agent_create",
     "agent_deactivate",
     "agent_holds",
@@ -86,6 +90,7 @@ __all__ = [
     "agent_row",
     "agents_group",
     "agents_with_load",
+    "check_version",
     "held_count",
     "held_query",
     "held_tickets",
@@ -97,6 +102,7 @@ __all__ = [
     "status_count",
     "ticket_create",
     "ticket_delete",
+    "ticket_head",
     "ticket_history",
     "ticket_holder",
     "ticket_page",

@@ -20,6 +20,7 @@ from support.services.errors import (
     InvalidField,
     NotFound,
     TransitionNotAllowed,
+    check_version,
 )
 from support.services.locks import LockedUser, lock_ticket, lock_users
 from support.services.records import change_tickets, record
@@ -55,12 +56,16 @@ def ticket_create(*, title: str, description: str, priority: int, created_by_id:
 _UNREAD = object()
 
 
-def ticket_update(*, ticket_id: int, changes: dict, actor_id: int, holder=_UNREAD) -> dict:
+def ticket_update(
+    *, ticket_id: int, changes: dict, actor_id: int, holder=_UNREAD, versions=None
+) -> dict:
     """Apply an admin's edit: any of title, description, priority, status, assigned_to.
 
     ``assigned_to`` present and None means "no agent". ``holder``: what ``ticket_holder``
-    answered just before, if the caller asked it. Raises InvalidField when ``assigned_to`` is
-    not an active agent, Conflict when the result would break a rule, and AgentAtCapacity
+    answered just before, if the caller asked it. ``versions``: the ticket versions the edit
+    applies to (If-Match; None: any), compared under the ticket's lock. Raises
+    VersionMismatch when the ticket is at another version, InvalidField when ``assigned_to``
+    is not an active agent, Conflict when the result would break a rule, and AgentAtCapacity
     when the agent already holds the cap in status assigned.
     """
     for _ in range(EDIT_TRIES):
@@ -75,6 +80,7 @@ def ticket_update(*, ticket_id: int, changes: dict, actor_id: int, holder=_UNREA
             if row["assigned_to_id"] != holder:
                 holder = _UNREAD  # a concurrent change moved the ticket: read it again
                 continue
+            check_version(row["id"], row["version"], versions)
             return _apply_edit(row, changes, locked, actor_id)
     raise ConcurrentChange("The ticket kept changing while it was being edited; try again.")
 
@@ -158,7 +164,7 @@ def _apply_edit(row: dict, changes: dict, locked: dict[int, LockedUser], actor_i
             f"ticket {kind} by admin", ticket_id=ticket_id, actor_id=actor_id, changes=diff
         )
     )
-    row.update(fields, status=status, updated_at=now)
+    row.update(fields, status=status, updated_at=now, version=row["version"] + 1)
     if agent != holder:
         row.update(assigned_to_id=agent, assigned_at=now if agent is not None else None)
     return row
@@ -176,8 +182,9 @@ def _event_kind(diff: dict) -> str:
     return Kind.EDITED
 
 
-def ticket_delete(*, ticket_id: int, actor_id: int) -> None:
-    """Delete a ticket and its assignments, locking its holder first like any other change."""
+def ticket_delete(*, ticket_id: int, actor_id: int, versions=None) -> None:
+    """Delete a ticket and its assignments, locking its holder first like any other change;
+    only at one of ``versions`` when given (If-Match), else VersionMismatch."""
     for _ in range(EDIT_TRIES):
         holder = ticket_holder(ticket_id)
         with transaction.atomic():
@@ -187,6 +194,7 @@ def ticket_delete(*, ticket_id: int, actor_id: int) -> None:
                 raise NotFound(NO_TICKET)
             if row["assigned_to_id"] != holder:
                 continue
+            check_version(row["id"], row["version"], versions)
             Ticket.objects.filter(pk=ticket_id).delete()
             record(
                 [ticket_id],

@@ -12,7 +12,7 @@ from support import observability as obs
 from support import rules
 from support.models import Ticket, TicketEvent
 from support.rules import Actor, Status
-from support.services.errors import NOT_YOURS, NotFound, TransitionNotAllowed
+from support.services.errors import NOT_YOURS, NotFound, TransitionNotAllowed, check_version
 from support.services.locks import lock_ticket, lock_users, require_active_agent
 from support.services.records import move_tickets
 from support.services.selectors import ROW_FIELDS, held_tickets
@@ -74,7 +74,11 @@ def tickets_top_up(*, agent_id: int, role_checked: bool = False) -> list[dict]:
         )
         for row in picked:
             row.update(
-                status=Status.ASSIGNED, updated_at=now, assigned_to_id=agent_id, assigned_at=now
+                status=Status.ASSIGNED,
+                updated_at=now,
+                assigned_to_id=agent_id,
+                assigned_at=now,
+                version=row["version"] + 1,
             )
         transaction.on_commit(lambda: _topped_up(agent_id, ids))
         held.extend(picked)
@@ -92,34 +96,40 @@ def _pool_was_empty(agent_id: int, missing: int) -> None:
     obs.log_event("fetch found the pool empty", agent_id=agent_id, missing=missing)
 
 
-def ticket_transition_by_agent(*, agent_id: int, ticket_id: int, to_status: str) -> dict:
+def ticket_transition_by_agent(
+    *, agent_id: int, ticket_id: int, to_status: str, versions=None
+) -> dict:
     """Move a ticket the agent holds, as support.rules lets an agent.
 
     Raises NotFound when the ticket does not exist or is not the agent's (the two are not told
-    apart), TransitionNotAllowed for a move the rules do not give an agent.
+    apart), VersionMismatch when ``versions`` (If-Match) does not have the ticket's version,
+    TransitionNotAllowed for a move the rules do not give an agent.
     """
     return _move_own_ticket(
         agent_id=agent_id,
         ticket_id=ticket_id,
         to_status=to_status,
+        versions=versions,
         actor=Actor.AGENT,
         kind=Kind.STATUS_CHANGED,
         message=f"ticket {to_status} by agent",
     )
 
 
-def ticket_release_by_agent(*, agent_id: int, ticket_id: int) -> dict:
+def ticket_release_by_agent(*, agent_id: int, ticket_id: int, versions=None) -> dict:
     """The agent hands one of its assigned tickets back to the pool (support.rules' hand-back).
 
     Raises NotFound when the ticket does not exist or is not the agent's (as for a move),
-    TransitionNotAllowed when the agent holds it in another status (a resolved or closed ticket
-    stays the record of who worked it). Returns the ticket as the pool now has it: open, no
-    agent. Its event: ``released``, reason ``released_by_agent``, the agent as actor.
+    VersionMismatch as a move does, TransitionNotAllowed when the agent holds it in another
+    status (a resolved or closed ticket stays the record of who worked it). Returns the ticket
+    as the pool now has it: open, no agent. Its event: ``released``, reason
+    ``released_by_agent``, the agent as actor.
     """
     return _move_own_ticket(
         agent_id=agent_id,
         ticket_id=ticket_id,
         to_status=Status.OPEN,
+        versions=versions,
         actor=Actor.HAND_BACK,
         kind=Kind.RELEASED,
         reason=TicketEvent.Reason.RELEASED_BY_AGENT,
@@ -132,19 +142,21 @@ def _move_own_ticket(
     agent_id: int,
     ticket_id: int,
     to_status: str,
+    versions,
     actor: Actor,
     kind: str,
     message: str,
     reason: str | None = None,
 ) -> dict:
-    """Locks the agent row, then the ticket row; moves a ticket the agent holds as
-    support.rules lets ``actor``. The agent stays the ticket's agent unless the move ends the
-    assignment (the ticket then goes back to the pool)."""
+    """Locks the agent row, then the ticket row; moves a ticket the agent holds, at one of
+    ``versions`` (None: any), as support.rules lets ``actor``. The agent stays the ticket's
+    agent unless the move ends the assignment (the ticket then goes back to the pool)."""
     with transaction.atomic():
         require_active_agent(lock_users([agent_id]), agent_id)
         row = lock_ticket(ticket_id)
         if row is None or row["assigned_to_id"] != agent_id:
             raise NotFound(NOT_YOURS)
+        check_version(row["id"], row["version"], versions)
         current = row["status"]
         move = rules.move(current, to_status)
         if move is None or actor not in move.by:
@@ -166,7 +178,7 @@ def _move_own_ticket(
         transaction.on_commit(
             lambda: obs.log_event(message, ticket_id=ticket_id, agent_id=agent_id)
         )
-        row.update(status=to_status, updated_at=now)
+        row.update(status=to_status, updated_at=now, version=row["version"] + 1)
         if new_holder is None:
             row.update(assigned_to_id=None, assigned_at=None)
         return row

@@ -40,6 +40,23 @@ class ConcurrentChange(Conflict):
     pass
 
 
+class VersionMismatch(ServiceError):
+    """The ticket is not at a version the caller named (If-Match): HTTP 412, nothing changed."""
+
+    def __init__(self, ticket_id: int, version: int):
+        super().__init__(
+            "The ticket has changed since the version you named in If-Match; read it again."
+        )
+        self.ticket_id = ticket_id
+        self.version = version
+
+
+def check_version(ticket_id: int, version: int, versions) -> None:
+    """Raise VersionMismatch unless ``versions`` (None: any) has the ticket's ``version``."""
+    if versions is not None and version not in versions:
+        raise VersionMismatch(ticket_id, version)
+
+
 class InvalidField(ServiceError):
     """A field names something that does not qualify (HTTP 400 with field errors)."""
 

@@ -6,11 +6,14 @@ read uses) and as the ticket's active assignment (the record of who held it, and
 agent's move, an admin's edit, a release. It writes status and holder in one UPDATE (the
 database's CHECK wants them together) and ends and starts assignments in the same
 transaction. :func:`record` writes the change's events; :func:`move_tickets` does both for
-a change of status and holder alone (a fetch, an agent's move, a release).
+a change of status and holder alone (a fetch, an agent's move, a release). Every write
+of a ticket row adds one to its ``version`` (the API's ETag).
 """
 
 from collections.abc import Iterable
 from datetime import datetime
+
+from django.db.models import F
 
 from support.models import Ticket, TicketAssignment, TicketEvent
 
@@ -25,8 +28,9 @@ def change_tickets(
     fields: dict | None = None,
 ) -> None:
     """Give the tickets ``ids`` (all held by ``holder``, locked by the caller) ``status`` and
-    ``new_holder``, and any other ``fields``."""
-    values = {**(fields or {}), "status": status, "updated_at": at}
+    ``new_holder``, and any other ``fields``; each ticket's version goes up by one (the
+    caller's locked row had the version before)."""
+    values = {**(fields or {}), "status": status, "updated_at": at, "version": F("version") + 1}
     if new_holder != holder:
         values["assigned_to_id"] = new_holder
         values["assigned_at"] = at if new_holder is not None else None

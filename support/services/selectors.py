@@ -36,6 +36,7 @@ ROW_FIELDS = (
     "updated_at",
     "assigned_to_id",
     "assigned_at",
+    "version",
 )
 
 
@@ -75,11 +76,16 @@ def ticket_row(ticket_id: int) -> dict:
 
 
 def ticket_holder(ticket_id: int) -> int | None:
-    """The ticket's agent (None: in the pool). NotFound when there is no such ticket: the API
-    asks this before it reads an edit's body, so an unknown ticket is 404 whatever the body
-    says, and hands the answer to ticket_update as its first read."""
-    holder = Ticket.objects.filter(pk=ticket_id).values_list("assigned_to_id", flat=True)
-    found = list(holder)
+    """The ticket's agent (None: in the pool). NotFound when there is no such ticket."""
+    return ticket_head(ticket_id)[0]
+
+
+def ticket_head(ticket_id: int) -> tuple[int | None, int]:
+    """The ticket's agent (None: in the pool) and version. NotFound when there is no such
+    ticket: the API asks this before it reads an edit's body, so an unknown ticket is 404 (and
+    a stale If-Match 412) whatever the body says, and hands the holder to ticket_update as its
+    first read."""
+    found = list(Ticket.objects.filter(pk=ticket_id).values_list("assigned_to_id", "version"))
     if not found:
         raise NotFound(NO_TICKET)
     return found[0]
