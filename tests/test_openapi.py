@@ -91,22 +91,42 @@ def test_status_and_priority_are_enums_and_tokens_are_the_security_scheme(schema
     assert login.get("security") in (None, [], [{}])
 
 
+KEYED = {"409", "422"}  # Idempotency-Key: the first still running; another request
+
+
 @pytest.mark.parametrize(
     ("path", "method", "codes"),
     [
         ("/api/auth/token/", "post", {"200", "400", "413", "415", "429", "503"}),
-        ("/api/auth/logout/", "post", {"204", "401", "429", "503"}),
+        ("/api/auth/logout/", "post", {"204", "400", "401", "429", "503"} | KEYED),
         ("/api/tickets/", "get", {"200", "400", "401", "403", "404", "429", "503"}),
-        ("/api/tickets/", "post", {"201", "400", "401", "403", "413", "415", "429", "503"}),
-        ("/api/tickets/{id}/", "get", {"200", "401", "403", "404", "429", "503"}),
+        (
+            "/api/tickets/",
+            "post",
+            {"201", "400", "401", "403", "413", "415", "429", "503"} | KEYED,
+        ),
+        ("/api/tickets/{id}/", "get", {"200", "304", "400", "401", "403", "404", "429", "503"}),
         (
             "/api/tickets/{id}/",
             "patch",
-            {"200", "400", "401", "403", "404", "409", "413", "415", "429", "503"},
+            {"200", "400", "401", "403", "404", "409", "412", "413", "415", "428", "429", "503"},
         ),
-        ("/api/tickets/{id}/", "delete", {"204", "401", "403", "404", "409", "429", "503"}),
+        (
+            "/api/tickets/{id}/",
+            "put",
+            {"200", "400", "401", "403", "404", "409", "412", "413", "415", "428", "429", "503"},
+        ),
+        (
+            "/api/tickets/{id}/",
+            "delete",
+            {"204", "400", "401", "403", "404", "409", "412", "428", "429", "503"},
+        ),
         ("/api/tickets/{id}/history/", "get", {"200", "401", "403", "404", "429", "503"}),
-        ("/api/agents/", "post", {"201", "400", "401", "403", "413", "415", "429", "503"}),
+        (
+            "/api/agents/",
+            "post",
+            {"201", "400", "401", "403", "413", "415", "429", "503"} | KEYED,
+        ),
         ("/api/agents/{id}/", "get", {"200", "401", "403", "404", "429", "503"}),
         (
             "/api/agents/{id}/",
@@ -119,17 +139,58 @@ def test_status_and_priority_are_enums_and_tokens_are_the_security_scheme(schema
         (
             "/api/agent/tickets/",
             "post",
-            {"200", "400", "401", "403", "404", "409", "413", "415", "429", "503"},
+            {"200", "400", "401", "403", "404", "409", "412", "413", "415", "429", "503"} | KEYED,
         ),
         (
             "/api/agent/tickets/{id}/release/",
             "post",
-            {"200", "401", "403", "404", "409", "429", "503"},
+            {"200", "400", "401", "403", "404", "409", "412", "429", "503"} | KEYED,
         ),
     ],
 )
 def test_each_operation_lists_the_answers_it_really_gives(schema, path, method, codes):
     assert set(schema["paths"][path][method]["responses"]) == codes
+
+
+def _headers_in(operation) -> set[str]:
+    return {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
+
+
+def test_safe_retry_and_edit_headers_are_documented(schema):
+    """Every POST that changes something takes Idempotency-Key; every ticket write If-Match,
+    the ticket's GET If-None-Match; ticket answers and 412s say their ETag."""
+    paths = schema["paths"]
+    keyed_posts = [
+        "/api/tickets/",
+        "/api/agents/",
+        "/api/agent/tickets/",
+        "/api/agent/tickets/{id}/release/",
+        "/api/auth/logout/",
+    ]
+    posts = [path for path, ops in paths.items() if "post" in ops]
+    assert sorted(keyed_posts) == sorted(p for p in posts if p != "/api/auth/token/")
+    for path in keyed_posts:
+        operation = paths[path]["post"]
+        assert "Idempotency-Key" in _headers_in(operation), path
+        assert "Idempotent-Replayed" in operation["responses"]["422"]["headers"], path
+    conditional = [
+        ("/api/tickets/{id}/", "put", "200"),
+        ("/api/tickets/{id}/", "patch", "200"),
+        ("/api/tickets/{id}/", "delete", None),
+        ("/api/agent/tickets/", "post", "200"),
+        ("/api/agent/tickets/{id}/release/", "post", "200"),
+    ]
+    for path, method, ok in conditional:
+        operation = paths[path][method]
+        assert "If-Match" in _headers_in(operation), (path, method)
+        assert "ETag" in operation["responses"]["412"]["headers"], (path, method)
+        if ok:
+            assert "ETag" in operation["responses"][ok]["headers"], (path, method)
+    detail = paths["/api/tickets/{id}/"]["get"]
+    assert "If-None-Match" in _headers_in(detail)
+    assert "ETag" in detail["responses"]["304"]["headers"]
+    assert "content" not in detail["responses"]["304"]
+    assert "ETag" in paths["/api/tickets/"]["post"]["responses"]["201"]["headers"]
 
 
 def test_bodies_and_answers_have_their_shapes(schema):

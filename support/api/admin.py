@@ -1,7 +1,7 @@
 """Admin endpoints: tickets and agents. Thin: in one thread hop, validate, call one selector or
 service, answer."""
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -10,12 +10,19 @@ from support.api import conditional, pagination
 from support.api.auth import IsAdmin, IsAgent
 from support.api.filters import TicketFilter
 from support.api.schema import (
+    ERROR_TEXT,
     ID_PATH,
+    IDEMPOTENCY_KEY,
+    IF_MATCH,
+    IF_NONE_MATCH,
     LIST_DESCRIPTION,
     LIST_PARAMETERS,
     PAGINATED_TICKETS,
+    REPLAYED,
     answers,
     body_errors,
+    etag_header,
+    keyed,
 )
 from support.api.serializers import (
     AgentCreateSerializer,
@@ -69,7 +76,10 @@ class TicketListView(APIView):
     @extend_schema(
         operation_id="tickets_create",
         request=TicketCreateSerializer,
-        responses=answers({201: TicketSerializer}, 401, 403, *body_errors(), field_errors=True),
+        parameters=[IDEMPOTENCY_KEY, REPLAYED, etag_header(201)],
+        responses=keyed(
+            answers({201: TicketSerializer}, 401, 403, *body_errors(), field_errors=True)
+        ),
     )
     async def post(self, request):
         return await self.in_thread(self._create, request)
@@ -86,8 +96,14 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_retrieve",
-        parameters=[ID_PATH],
-        responses=answers({200: TicketSerializer}, 401, 403, 404),
+        parameters=[ID_PATH, IF_NONE_MATCH, etag_header(200, 304)],
+        responses=answers(
+            {200: TicketSerializer, 304: OpenApiResponse(description=ERROR_TEXT[304])},
+            401,
+            403,
+            404,
+            field_errors=True,
+        ),
     )
     async def get(self, request, pk):
         return await self.in_thread(self._retrieve, request, pk)
@@ -98,10 +114,18 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_update",
-        parameters=[ID_PATH],
+        parameters=[ID_PATH, IF_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer,
         responses=answers(
-            {200: TicketSerializer}, 401, 403, 404, 409, *body_errors(), field_errors=True
+            {200: TicketSerializer},
+            401,
+            403,
+            404,
+            409,
+            412,
+            428,
+            *body_errors(),
+            field_errors=True,
         ),
     )
     async def put(self, request, pk):
@@ -109,10 +133,18 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_partial_update",
-        parameters=[ID_PATH],
+        parameters=[ID_PATH, IF_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer(partial=True),
         responses=answers(
-            {200: TicketSerializer}, 401, 403, 404, 409, *body_errors(), field_errors=True
+            {200: TicketSerializer},
+            401,
+            403,
+            404,
+            409,
+            412,
+            428,
+            *body_errors(),
+            field_errors=True,
         ),
     )
     async def patch(self, request, pk):
@@ -138,8 +170,8 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_destroy",
-        parameters=[ID_PATH],
-        responses=answers({204: None}, 401, 403, 404, 409),
+        parameters=[ID_PATH, IF_MATCH, etag_header(412)],
+        responses=answers({204: None}, 401, 403, 404, 409, 412, 428, field_errors=True),
     )
     async def delete(self, request, pk):
         return await self.in_thread(self._delete, request, pk)
@@ -188,7 +220,10 @@ class AgentListView(APIView):
     @extend_schema(
         operation_id="agents_create",
         request=AgentCreateSerializer,
-        responses=answers({201: AgentSerializer}, 401, 403, *body_errors(), field_errors=True),
+        parameters=[IDEMPOTENCY_KEY, REPLAYED],
+        responses=keyed(
+            answers({201: AgentSerializer}, 401, 403, *body_errors(), field_errors=True)
+        ),
     )
     async def post(self, request):
         return await self.in_thread(self._create, request)

@@ -11,7 +11,18 @@ from project.handler import release_request_thread
 from support import live, services
 from support.api import conditional
 from support.api.auth import IsAgent
-from support.api.schema import ID_PATH, TransitionRefusedSerializer, answers, body_errors
+from support.api.schema import (
+    ID_PATH,
+    IDEMPOTENCY_KEY,
+    IF_MATCH,
+    KEY_IN_USE,
+    REPLAYED,
+    TransitionRefusedSerializer,
+    answers,
+    body_errors,
+    etag_header,
+    keyed,
+)
 from support.api.serializers import (
     AgentFetchQuerySerializer,
     AgentTransitionSerializer,
@@ -85,12 +96,18 @@ class AgentTicketsView(APIView):
             "status one of the two (else 400), a move the state machine allows (else 409)."
         ),
         request=AgentTransitionSerializer,
-        responses={
-            **answers({200: TicketSerializer}, 401, 403, 404, *body_errors(), field_errors=True),
-            409: OpenApiResponse(
-                TransitionRefusedSerializer, description="The state machine forbids this move."
-            ),
-        },
+        parameters=[IDEMPOTENCY_KEY, IF_MATCH, REPLAYED, etag_header(200, 412)],
+        responses=keyed(
+            {
+                **answers(
+                    {200: TicketSerializer}, 401, 403, 404, 412, *body_errors(), field_errors=True
+                ),
+                409: OpenApiResponse(
+                    TransitionRefusedSerializer,
+                    description=f"The state machine forbids this move. Or: {KEY_IN_USE}",
+                ),
+            }
+        ),
     )
     async def post(self, request):
         return await self.in_thread(self._move, request)
@@ -132,14 +149,19 @@ class AgentTicketReleaseView(APIView):
             "with the agent who worked them)."
         ),
         request=None,
-        parameters=[ID_PATH],
-        responses={
-            **answers({200: TicketSerializer}, 401, 403, 404),
-            409: OpenApiResponse(
-                TransitionRefusedSerializer,
-                description="The ticket is not in status assigned; `allowed` is empty.",
-            ),
-        },
+        parameters=[ID_PATH, IDEMPOTENCY_KEY, IF_MATCH, REPLAYED, etag_header(200, 412)],
+        responses=keyed(
+            {
+                **answers({200: TicketSerializer}, 401, 403, 404, 412, field_errors=True),
+                409: OpenApiResponse(
+                    TransitionRefusedSerializer,
+                    description=(
+                        "The ticket is not in status assigned; `allowed` is empty. "
+                        f"Or: {KEY_IN_USE}"
+                    ),
+                ),
+            }
+        ),
     )
     async def post(self, request, pk):
         return await self.in_thread(self._release, request, pk)

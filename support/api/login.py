@@ -10,7 +10,7 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.response import Response
 
 from support.api.auth import LogoutAuthentication, presented_token
-from support.api.schema import answers, body_errors
+from support.api.schema import IDEMPOTENCY_KEY, REPLAYED, answers, body_errors, keyed
 from support.api.serializers import TokenRequestSerializer
 from support.api.throttles import LoginByAddressThrottle, LoginFailureLimits, client_address
 from support.api.views import APIView
@@ -81,7 +81,12 @@ class LogoutView(APIView):
         token = presented_token(self.request)
         return key_hash(token) if token else ""
 
-    @extend_schema(operation_id="auth_logout", request=None, responses=answers({204: None}, 401))
+    @extend_schema(
+        operation_id="auth_logout",
+        request=None,
+        parameters=[IDEMPOTENCY_KEY, REPLAYED],
+        responses=keyed(answers({204: None}, 401)),
+    )
     async def post(self, request):
         return await self.in_thread(self._logout, request)
 

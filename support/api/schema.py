@@ -25,9 +25,14 @@ class ErrorSerializer(serializers.Serializer):
 
 
 class TransitionRefusedSerializer(serializers.Serializer):
+    """A 409: the state machine's refusal (with ``current_status`` and ``allowed``), or an
+    Idempotency-Key whose first request still runs (``detail`` alone, with Retry-After)."""
+
     detail = serializers.CharField()
-    current_status = serializers.ChoiceField(choices=STATUS_NAMES)
-    allowed = serializers.ListField(child=serializers.ChoiceField(choices=STATUS_NAMES))
+    current_status = serializers.ChoiceField(choices=STATUS_NAMES, required=False)
+    allowed = serializers.ListField(
+        child=serializers.ChoiceField(choices=STATUS_NAMES), required=False
+    )
 
 
 # A 400 with field errors: {"field": ["message", ...]} (or {"detail": ...} for unreadable JSON).
@@ -38,13 +43,22 @@ FIELD_ERRORS = OpenApiResponse(
     ),
     description='Invalid input: {"field": ["message"]}, or {"detail"} when the JSON is unreadable.',
 )
-_ERRORS = {
+ERROR_TEXT = {
     401: "No or bad credentials (answered with `WWW-Authenticate: Token`).",
     403: "Authenticated, but not in the role this endpoint needs.",
     404: "Not found.",
+    304: "Not modified: If-None-Match names the current version (no body; with `ETag`).",
     409: "A rule forbids this change now; `detail` says which.",
     413: "Request body over the configured limit (1 MiB by default).",
     415: "The body is not JSON.",
+    412: (
+        "If-Match does not name the ticket's current version: nothing changed. `ETag` is the "
+        "current one."
+    ),
+    422: (
+        "This Idempotency-Key was used for another request (method, path, If-Match or body differ)."
+    ),
+    428: "If-Match is required on ticket writes here (SUPPORT_REQUIRE_IF_MATCH) and missing.",
     429: "Too many requests (with `Retry-After`, in seconds).",
     503: "The database is unavailable or a lock wait timed out (with `Retry-After`).",
 }
@@ -57,12 +71,71 @@ def answers(ok: dict, *codes: int, field_errors: bool = False) -> dict:
         responses[400] = FIELD_ERRORS
     # 429: the per-user rate (SUPPORT_USER_RATE) may apply anywhere; 503: the database.
     for code in sorted({*codes, 429, 503}):
-        responses[code] = OpenApiResponse(ErrorSerializer, description=_ERRORS[code])
+        responses[code] = OpenApiResponse(ErrorSerializer, description=ERROR_TEXT[code])
     return responses
 
 
 def body_errors() -> tuple[int, ...]:
     return (413, 415)
+
+
+# --- Safe retries and edits (support.api.idempotency, support.api.conditional) --------------
+KEY_IN_USE = "An Idempotency-Key whose first request still runs: retry after `Retry-After` seconds."
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    OpenApiParameter.HEADER,
+    description=(
+        "Makes the request safe to retry: 1 to 255 visible ASCII characters (a random UUID), "
+        "yours for SUPPORT_IDEMPOTENCY_TTL_SECONDS (24 h). A repeat with the same key and "
+        "request answers the first answer (its status, body and ETag, refusals included) with "
+        "`Idempotent-Replayed: true`, and changes nothing; with another request, 422; while "
+        "the first still runs, 409 with `Retry-After`."
+    ),
+)
+IF_MATCH = OpenApiParameter(
+    "If-Match",
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        'The ticket\'s ETag as read (e.g. `"12.3"`; a list, or `*`): the write happens only '
+        "at that version, else 412 with the current ETag."
+    ),
+)
+IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match",
+    str,
+    OpenApiParameter.HEADER,
+    description="An ETag the client has: 304 without a body while it is current.",
+)
+REPLAYED = OpenApiParameter(
+    "Idempotent-Replayed",
+    {"type": "string", "enum": ["true"]},
+    OpenApiParameter.HEADER,
+    response=True,
+    description="Present on the stored answer of an earlier request with this Idempotency-Key.",
+)
+
+
+def etag_header(*codes: int) -> OpenApiParameter:
+    return OpenApiParameter(
+        "ETag",
+        str,
+        OpenApiParameter.HEADER,
+        response=list(codes),
+        description='The ticket\'s version: `"<id>.<version>"`, for If-Match and If-None-Match.',
+    )
+
+
+def keyed(responses: dict) -> dict:
+    """``responses`` of a POST that takes an Idempotency-Key: with its 409 and 422."""
+    responses = dict(responses)
+    if 409 not in responses:
+        responses[409] = OpenApiResponse(ErrorSerializer, description=KEY_IN_USE)
+    responses[422] = OpenApiResponse(ErrorSerializer, description=ERROR_TEXT[422])
+    if 400 not in responses:
+        responses[400] = FIELD_ERRORS  # a malformed key
+    return responses
 
 
 # drf-spectacular names the path parameter "id" (SCHEMA_COERCE_PATH_PK); this types it.
