@@ -1,4 +1,5 @@
-"""A worker process's background work: writing agents' presence, and the idle sweep.
+"""A worker process's background work: writing agents' presence, the idle sweep, and removing
+expired idempotency keys.
 
 One asyncio task per worker process, started by the process's first API request on its event
 loop (:func:`ensure_running`, from ``support.api.views.APIView.in_thread``: after that, a
@@ -8,7 +9,9 @@ step:
 - every ``SUPPORT_PRESENCE_FLUSH_SECONDS``: :func:`support.presence.flush`;
 - when ``SUPPORT_AGENT_IDLE_RELEASE_SECONDS`` is set, every quarter of it: the flush, then
   :func:`support.services.idle_release.idle_agents_release` (which does nothing while another
-  process's sweep runs: its advisory lock).
+  process's sweep runs: its advisory lock);
+- every ``PURGE_EVERY`` seconds: :func:`support.api.idempotency.purge_expired` (batches that
+  skip rows in use: no request waits on it).
 
 Their database work runs on a thread of its own (one per process), never on a request thread
 (project.handler), so it is no request's thread hop and holds no request up; after each run the
@@ -18,7 +21,8 @@ settings are read at each tick.
 
 The task belongs to the loop it was started on: under pytest-asyncio each test has its own
 loop, closed (and its tasks cancelled) at the test's end, and the next request on another loop
-starts a new task. ``python manage.py release_idle_agents`` runs the same sweep from cron.
+starts a new task. ``python manage.py release_idle_agents`` runs the same sweep from cron,
+``python manage.py purge_idempotency_keys`` the same purge.
 """
 
 import asyncio
@@ -32,11 +36,13 @@ from django.conf import settings
 from django.db import connections
 
 from support import presence
+from support.api.idempotency import purge_expired
 from support.services.idle_release import idle_agents_release
 
 log = logging.getLogger("support.housekeeping")
 
 JITTER = 0.2  # each wait is its interval times a random factor in [1 - JITTER, 1 + JITTER]
+PURGE_EVERY = 300.0  # seconds between purges of expired idempotency keys (kept 24 h by default)
 
 _task: asyncio.Task | None = None
 _executor: ThreadPoolExecutor | None = None
@@ -63,8 +69,9 @@ async def _run() -> None:
     loop = asyncio.get_running_loop()
     next_flush = _later(settings.SUPPORT_PRESENCE_FLUSH_SECONDS)
     next_sweep = _first_sweep() if _sweep_every() else None
+    next_purge = _later(PURGE_EVERY)
     while True:
-        wake = next_flush if next_sweep is None else min(next_flush, next_sweep)
+        wake = min(t for t in (next_flush, next_sweep, next_purge) if t is not None)
         await asyncio.sleep(max(0.0, wake - time.monotonic()))
         sweep_every = _sweep_every()
         if not sweep_every:
@@ -78,6 +85,9 @@ async def _run() -> None:
         elif time.monotonic() >= next_flush:
             await loop.run_in_executor(_executor, _job, presence.flush)
             next_flush = _later(settings.SUPPORT_PRESENCE_FLUSH_SECONDS)
+        if time.monotonic() >= next_purge:
+            await loop.run_in_executor(_executor, _job, purge_expired)
+            next_purge = _later(PURGE_EVERY)
 
 
 def _later(seconds: float) -> float:

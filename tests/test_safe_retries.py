@@ -7,6 +7,7 @@ session holding locks; every transaction commits.
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -552,3 +553,41 @@ async def test_two_admins_racing_with_one_if_match_one_wins_one_gets_412(make_cl
         assert final["title"] == won.json()["title"]  # no lost update
         assert final["version"] == 2
         assert await events_of(ticket.pk) == ["edited"]
+
+
+async def test_each_worker_purges_expired_keys_in_the_background(admin_client, monkeypatch):
+    from support import housekeeping
+
+    for n in range(3):
+        await admin_client.post("/api/tickets/", json={"title": f"b{n}"}, headers=keyed(f"b{n}"))
+    await IdempotencyKey.objects.exclude(key="b2").aupdate(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    monkeypatch.setattr(housekeeping, "PURGE_EVERY", 0.1)
+    task = housekeeping._task
+    if task is not None and not task.done():  # started with the old interval: start it again
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await admin_client.get("/api/tickets/")  # the first request on this loop starts the task
+    deadline = time.monotonic() + 5
+    while await IdempotencyKey.objects.acount() != 1:
+        assert time.monotonic() < deadline, "the background purge never ran"
+        await asyncio.sleep(0.05)
+    assert [k async for k in IdempotencyKey.objects.values_list("key", flat=True)] == ["b2"]
+
+
+def test_the_purge_command_deletes_expired_keys(admin):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    now = timezone.now()
+    for n, expires in enumerate([now - timedelta(seconds=1), now + timedelta(hours=1)]):
+        IdempotencyKey.objects.create(
+            user=admin, key=f"c{n}", fingerprint="0" * 64, status=201, expires_at=expires
+        )
+    out = StringIO()
+    call_command("purge_idempotency_keys", stdout=out)
+    assert out.getvalue().strip() == "Deleted 1 expired idempotency key(s)."
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["c1"]
