@@ -47,6 +47,11 @@ EXPECTED_CALLS = [
     ("POST", "/api/agents/", 201),
     ("DELETE", "/api/agents/{id}/", 204),
     ("POST", "/api/agent/tickets/{id}/release/", 200),  # *Idle release and hand-back*
+    ("POST", "/api/tickets/", 201),  # *Safe retries and concurrent edits*: keyed
+    ("POST", "/api/tickets/", 201),  # ... and its retry, replayed
+    ("GET", "/api/tickets/{id}/", 200),  # the ETag
+    ("PATCH", "/api/tickets/{id}/", 200),  # If-Match: current
+    ("PATCH", "/api/tickets/{id}/", 412),  # If-Match: stale
 ]
 
 
@@ -209,6 +214,15 @@ def test_the_readme_curl_examples_work_as_printed_on_the_quick_start(tmp_path):
         assert db.execute(
             "SELECT status, assigned_to_id FROM support_ticket WHERE id = ?", (fetched[1]["id"],)
         ).fetchall() == [("open", None)]
+        # safe retries: one printer ticket, its retry replayed; one edit, the stale one 412
+        [(printer, priority, version)] = db.execute(
+            "SELECT id, priority, version FROM support_ticket "
+            "WHERE title = 'Printer jams on tray 2'"
+        ).fetchall()
+        assert (priority, version) == (3, 2), report  # urgent, edited once
+        assert event_kinds(db, printer) == ["created", "edited"]
+        assert len(re.findall(r"^idempotent-replayed: true\r?$", done.stdout, re.M | re.I)) == 1
+        assert re.search(rf'^etag: "{printer}\.2"\r?$', done.stdout, re.M | re.I), report
         # the new agent, deactivated
         assert db.execute("SELECT is_active FROM auth_user WHERE username = 'dana'").fetchall() == [
             (0,)

@@ -21,6 +21,14 @@ runs alone, and the row locks below are no-ops):
   then all their assigned tickets in one statement, before any write. Presence rows
   (support.presence) are outside this contract: only a flush locks them, for one statement,
   in agent order.
+- A POST with an Idempotency-Key (support.api.idempotency) wraps its service in a transaction
+  that first *tries* an advisory lock on (user, key), never waiting for it (held: 409), and
+  writes the key's row after the service's work, a new row whose unique index waits for
+  nobody (another request of the same key would hold the advisory lock). Its service's own
+  transaction becomes a savepoint; its locks are taken in the order above and held to the
+  outer commit, which follows at once.
+- A version check (If-Match) reads the ticket's version from the locked row, like every
+  decision.
 - The ticket counters (migration 0009) are the last lock. A ticket write that moves tickets
   between statuses adds to its session's counter row (``pg_backend_pid() % 32``) in the
   statement's own trigger: the lock is taken by the write itself, after every lock above, and
