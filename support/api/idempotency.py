@@ -38,10 +38,12 @@ import hashlib
 import json
 import re
 from datetime import timedelta
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.http import HttpResponse
+from django.http.request import RawPostDataException
 from django.utils import timezone
 from rest_framework import exceptions, status
 from rest_framework.renderers import JSONRenderer
@@ -91,7 +93,10 @@ def request_key(request) -> str | None:
 def fingerprint(request) -> str:
     """SHA-256 of what makes the request this request: method, path, If-Match and body (a
     JSON body as data, its keys sorted; anything else as bytes)."""
-    body = request._request.body
+    try:
+        body = request._request.body
+    except RawPostDataException:  # a form read by the session check's CSRF: its fields
+        body = urlencode(sorted(request._request.POST.lists()), doseq=True).encode()
     # not JSON: compared as sent (the parser refuses it anyway)
     with contextlib.suppress(ValueError, RecursionError):
         body = json.dumps(
@@ -117,8 +122,9 @@ def _lock_key(user_id: int, key: str) -> bool:
     digest = hashlib.sha256(key.encode()).digest()
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, %s)",
-            [user_id, int.from_bytes(digest[:4], "big", signed=True)],
+            "SELECT pg_try_advisory_xact_lock(%s::integer, %s::integer)",
+            # user ids are 32-bit (serializers.MAX_USER_ID); folded, should they ever not be
+            [user_id % 2**31, int.from_bytes(digest[:4], "big", signed=True)],
         )
         return cursor.fetchone()[0]
 
