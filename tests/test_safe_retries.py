@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from datetime import timedelta
 
@@ -296,35 +297,45 @@ async def _until_waiting(observer, user_id: int, within: float = 10.0) -> None:
 
 
 @postgresql_only
-async def test_fifty_concurrent_repeats_of_one_keyed_create_make_exactly_one_ticket(
-    make_client,
-):
-    admin = await run_sync(create_user, staff=True)
-    client = make_client(admin.token)
-    answers = await asyncio.gather(
-        *(
-            client.post("/api/tickets/", json={"title": "fifty"}, headers=keyed("fifty"))
-            for _ in range(50)
-        )
-    )
-    created = [r for r in answers if r.status_code == 201]
-    in_flight = [r for r in answers if r.status_code == 409]
-    assert len(created) + len(in_flight) == 50, [r.status_code for r in answers]
-    assert all(r.headers["Retry-After"] == "1" for r in in_flight)
-    assert len({r.content for r in created}) == 1  # one answer, the ticket's
-    assert sum("Idempotent-Replayed" not in r.headers for r in created) == 1
-    assert await run_sync(ticket_count, "fifty") == 1
+def test_fifty_concurrent_repeats_of_one_keyed_create_make_exactly_one_ticket(transactional_db):
+    """Through uvicorn (two workers, so two processes race for the key): fifty connections
+    released at once by a barrier send the same keyed create."""
+    admin = create_user(staff=True)
+    headers = {"Authorization": f"Token {admin.token}", "Idempotency-Key": "fifty"}
+    answers = [None] * 50
+    with run_uvicorn(workers=2) as server:
+        barrier = threading.Barrier(50)
+
+        def send(n):
+            with httpx.Client(base_url=server.base_url, timeout=30) as client:
+                client.get("/healthz")  # connected before the barrier
+                barrier.wait()
+                answers[n] = client.post("/api/tickets/", json={"title": "fifty"}, headers=headers)
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        created = [r for r in answers if r.status_code == 201]
+        in_flight = [r for r in answers if r.status_code == 409]
+        assert len(created) + len(in_flight) == 50, [r.status_code for r in answers]
+        assert all(r.headers["Retry-After"] == "1" for r in in_flight)
+        assert all("still running" in r.json()["detail"] for r in in_flight)
+        assert len({r.content for r in created}) == 1  # one answer, the ticket's
+        assert sum("Idempotent-Replayed" not in r.headers for r in created) == 1
+        # once it has answered, every repeat gets its answer
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            late = [
+                client.post("/api/tickets/", json={"title": "fifty"}, headers=headers)
+                for _ in range(5)
+            ]
+        assert {(r.status_code, r.content) for r in late} == {(201, created[0].content)}
+    assert ticket_count("fifty") == 1
     [ticket_id] = {r.json()["id"] for r in created}
-    assert await events_of(ticket_id) == ["created"]
-    # once it has answered, every repeat gets its answer
-    late = await asyncio.gather(
-        *(
-            client.post("/api/tickets/", json={"title": "fifty"}, headers=keyed("fifty"))
-            for _ in range(10)
-        )
-    )
-    assert {(r.status_code, r.content) for r in late} == {(201, created[0].content)}
-    await run_sync(assert_invariants)
+    kinds = TicketEvent.objects.filter(ticket_id=ticket_id).values_list("kind", flat=True)
+    assert list(kinds) == ["created"]
+    assert_invariants()
 
 
 @postgresql_only
