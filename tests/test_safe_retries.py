@@ -591,3 +591,29 @@ def test_the_purge_command_deletes_expired_keys(admin):
     call_command("purge_idempotency_keys", stdout=out)
     assert out.getvalue().strip() == "Deleted 1 expired idempotency key(s)."
     assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["c1"]
+
+
+async def test_if_match_compares_entity_tags_as_strings(admin_client, make_client, admin, agent):
+    """Strong comparison is of the opaque tags, character by character (RFC 9110 8.8.3.2):
+    "12.01" is not "12.1", though both read as the same number."""
+    [ticket] = await run_sync(create_tickets, admin, 1)
+    [held] = await run_sync(create_held, admin, agent, 1)
+    url = f"/api/tickets/{ticket.pk}/"
+    assert (await admin_client.get(url)).headers["ETag"] == f'"{ticket.pk}.1"'
+    before = await run_sync(db_state)
+    for other in (f'"{ticket.pk}.01"', f'"{ticket.pk}.001"', f'"0{ticket.pk}.1"'):
+        r = await admin_client.patch(url, json={"title": "x"}, headers={"If-Match": other})
+        assert r.status_code == 412, (other, r.text)
+        assert (await admin_client.delete(url, headers={"If-Match": other})).status_code == 412
+    client = make_client(agent.token)
+    moved = await client.post(
+        "/api/agent/tickets/",
+        json={"ticket_id": held.pk, "status": "resolved"},
+        headers={"If-Match": f'"{held.pk}.01"'},
+    )
+    assert moved.status_code == 412
+    released = await client.post(
+        f"/api/agent/tickets/{held.pk}/release/", headers={"If-Match": f'"{held.pk}.01"'}
+    )
+    assert released.status_code == 412
+    assert await run_sync(db_state) == before
