@@ -617,3 +617,22 @@ async def test_if_match_compares_entity_tags_as_strings(admin_client, make_clien
     )
     assert released.status_code == 412
     assert await run_sync(db_state) == before
+
+
+async def test_a_keyed_logout_with_another_token_is_another_request(make_client, agent):
+    """A logout revokes the token it is made with: the same key with another of the user's
+    tokens is another request (422), never the first logout's 204 with that token still
+    valid."""
+    from support.tokens import token_issue
+
+    second = await run_sync(token_issue, user_id=agent.pk)
+    first = await make_client(agent.token).post("/api/auth/logout/", headers=keyed("out"))
+    assert first.status_code == 204
+    other = make_client(second)
+    r = await other.post("/api/auth/logout/", headers=keyed("out"))
+    assert r.status_code == 422, r.headers
+    assert "another request" in r.json()["detail"]
+    assert (await other.get("/api/agent/tickets/")).status_code == 200  # not revoked: said so
+    # the first token's retry still gets its answer
+    again = await make_client(agent.token).post("/api/auth/logout/", headers=keyed("out"))
+    assert (again.status_code, again.headers["Idempotent-Replayed"]) == (204, "true")

@@ -16,7 +16,8 @@ runs in one transaction:
    is visible;
    - found (not expired), same request: its stored status, body and ETag, with
      ``Idempotent-Replayed: true``; no effect. Another request (method, path, If-Match or
-     body differ; the JSON body compared as data, so key order and spacing do not count): 422;
+     body differ, or a logout's token; the JSON body compared as data, so key order and
+     spacing do not count): 422;
    - not found, lock not got: the first request of the key is still running: 409 with
      ``Retry-After: 1``;
 3. the effect (the service's own transaction, a savepoint in this one), then the key's row
@@ -70,8 +71,8 @@ class KeyInUse(exceptions.APIException):
 class KeyReused(exceptions.APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_detail = (
-        "This Idempotency-Key was used for another request (method, path, If-Match or body "
-        "differ); use a new key for a new request."
+        "This Idempotency-Key was used for another request (method, path, If-Match, body or a "
+        "logout's token differ); use a new key for a new request."
     )
     default_code = "idempotency_key_reused"
 
@@ -90,9 +91,10 @@ def request_key(request) -> str | None:
     return value
 
 
-def fingerprint(request) -> str:
+def fingerprint(request, credential: str = "") -> str:
     """SHA-256 of what makes the request this request: method, path, If-Match and body (a
-    JSON body as data, its keys sorted; anything else as bytes)."""
+    JSON body as data, its keys sorted; anything else as bytes), and the ``credential`` it
+    acts on, if any (a logout's token: another token's logout is another request)."""
     try:
         body = request._request.body
     except RawPostDataException:  # a form read by the session check's CSRF: its fields
@@ -103,12 +105,15 @@ def fingerprint(request) -> str:
             json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode()
     digest = hashlib.sha256()
-    for part in (
+    parts = [
         request.method.encode(),
         request.path.encode(),
         request.META.get("HTTP_IF_MATCH", "").encode("latin-1"),
         body,
-    ):
+    ]
+    if credential:  # (only then: every other request's fingerprint stays as it was)
+        parts.append(credential.encode())
+    for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
@@ -145,7 +150,7 @@ def keyed(view, key: str, work, *, credential: str = ""):
     the hash of the token a logout revokes (support.api.login)."""
     request = view.request
     user_id = request.user.pk
-    wanted = fingerprint(request)
+    wanted = fingerprint(request, credential)
     with transaction.atomic():
         free = _lock_key(user_id, key)
         stored = IdempotencyKey.objects.filter(user_id=user_id, key=key).first()
