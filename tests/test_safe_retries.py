@@ -636,3 +636,36 @@ async def test_a_keyed_logout_with_another_token_is_another_request(make_client,
     # the first token's retry still gets its answer
     again = await make_client(agent.token).post("/api/auth/logout/", headers=keyed("out"))
     assert (again.status_code, again.headers["Idempotent-Replayed"]) == (204, "true")
+
+
+@postgresql_only
+async def test_a_refusal_of_the_caller_found_under_the_lock_is_not_stored(
+    make_client, admin, agent
+):
+    """The service checks the caller again under its row lock; an agent deactivated meanwhile
+    is refused 401 there, as the token check would have refused it. That refusal is about
+    the caller, not the request: like the token check's, it is not stored, so once the agent
+    is active again (logged in anew) the retry runs, and never replays a 401 (which would
+    also lack its WWW-Authenticate)."""
+    from support import services
+    from support.tokens import token_issue
+
+    [ticket] = await run_sync(create_held, admin, agent, 1)
+    body = {"ticket_id": ticket.pk, "status": "resolved"}
+    with psycopg.connect(psycopg_conninfo("retries-test-locker")) as locker:
+        locker.execute("UPDATE auth_user SET is_active = false WHERE id = %s", [agent.pk])
+        first = asyncio.create_task(
+            make_client(agent.token).post("/api/agent/tickets/", json=body, headers=keyed("gone"))
+        )
+        await _until_waiting(locker, agent.pk)  # past the token check, at the agent's lock
+        locker.commit()
+        refused = await first
+    assert refused.status_code == 401, refused.text
+    assert refused.headers["WWW-Authenticate"] == "Token"
+    assert await IdempotencyKey.objects.acount() == 0
+    await run_sync(services.agent_reactivate, agent_id=agent.pk)
+    token = await run_sync(token_issue, user_id=agent.pk)
+    retry = await make_client(token).post("/api/agent/tickets/", json=body, headers=keyed("gone"))
+    assert retry.status_code == 200, retry.text
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.json()["status"] == "resolved"

@@ -23,7 +23,9 @@ runs in one transaction:
 3. the effect (the service's own transaction, a savepoint in this one), then the key's row
    with the answer, in this transaction: both commit, or neither. A refusal (4xx) is stored
    like a success, so a retry cannot turn it into one; a failure (5xx: the database, a lock
-   wait) stores nothing and rolls everything back, so a retry runs anew.
+   wait) stores nothing and rolls everything back, so a retry runs anew, as does a refusal
+   of the caller the service finds under its lock (401, 403: deactivated, or no longer an
+   agent), which the checks before the work would have given.
 
 The key's row is written after the effect, so it adds no lock before the service's own (the
 lock contract in support.services.locks): the advisory lock is only tried, and the row is new
@@ -56,6 +58,10 @@ REPLAYED = "Idempotent-Replayed"
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 # the headers of an answer that are part of it, and replayed with it
 _STORED_HEADERS = ("ETag",)
+# Refusals of the caller, not of the request (its token, its account or role, its rate): the
+# checks before the work give them, and a service that checks the caller again under its lock
+# (support.services.locks.require_active_agent). Not stored: once the caller may, the retry runs.
+_CALLER_REFUSALS = frozenset({401, 403, 429})
 PURGE_BATCH = 1000
 
 
@@ -171,7 +177,7 @@ def keyed(view, key: str, work, *, credential: str = ""):
             raise  # no answer to store: everything rolls back, a retry runs anew
         except Exception as exc:
             response = view.handle_exception(exc)  # a refusal, stored like an answer
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in _CALLER_REFUSALS:
             transaction.set_rollback(True)
             return response
         data = getattr(response, "data", None)
