@@ -8,6 +8,7 @@ session holding locks; every transaction commits.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -669,3 +670,57 @@ async def test_a_refusal_of_the_caller_found_under_the_lock_is_not_stored(
     assert retry.status_code == 200, retry.text
     assert "Idempotent-Replayed" not in retry.headers
     assert retry.json()["status"] == "resolved"
+
+
+def _expired_keys(user, count: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO support_idempotency_key (user_id, key, fingerprint, status, body,"
+            " headers, credential, created_at, expires_at)"
+            " SELECT %s, 'old-' || n, repeat('0', 64), 201, repeat('x', 300), '{}', '',"
+            " now() - interval '2 days', now() - interval '1 day'"
+            " FROM generate_series(1, %s) AS n",
+            [user.pk, count],
+        )
+
+
+@postgresql_only
+async def test_a_backlog_of_expired_keys_never_holds_up_the_presence_flush(
+    make_client, admin, monkeypatch
+):
+    """The purge shares the worker's housekeeping thread with the presence flush and the idle
+    sweep: a backlog (a day of keys after the workers were down) is deleted a slice at a
+    time, and the flush keeps its interval meanwhile, as the idle release counts on."""
+    from support import housekeeping, presence
+
+    await run_sync(_expired_keys, admin, 150_000)  # seconds of purging, in one go
+    real_flush = presence.flush
+    flushed = []
+
+    def flush():
+        flushed.append(time.monotonic())
+        return real_flush()
+
+    monkeypatch.setattr(presence, "flush", flush)
+    monkeypatch.setattr(housekeeping, "PURGE_EVERY", 0.05)
+    task = housekeeping._task
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    loop = asyncio.get_running_loop()
+    with override_settings(SUPPORT_PRESENCE_FLUSH_SECONDS=0.2):
+        flushed.append(time.monotonic())
+        await make_client(admin.token).get("/api/tickets/")  # starts the task on this loop
+        deadline = time.monotonic() + 60
+        while await IdempotencyKey.objects.acount():
+            assert time.monotonic() < deadline, "the background purge never finished"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # a flush or two after it
+        housekeeping._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping._task
+        await loop.run_in_executor(housekeeping._executor, lambda: None)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(flushed)]
+    assert len(gaps) >= 3
+    assert max(gaps) < 1.2, [round(gap, 2) for gap in gaps]

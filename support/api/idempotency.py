@@ -32,8 +32,9 @@ lock contract in support.services.locks): the advisory lock is only tried, and t
 (its unique index waits for nobody: another request of the key would hold the advisory lock).
 On SQLite every write transaction runs alone (BEGIN IMMEDIATE), so there is no lock to try.
 
-Expired rows count as absent and are removed by the housekeeping task (:func:`purge_expired`,
-in batches, skipping rows in use) or ``manage.py purge_idempotency_keys``.
+Expired rows count as absent and are removed by the housekeeping task (:func:`purge_batch`,
+a slice of batches at a time, skipping rows in use) or ``manage.py purge_idempotency_keys``
+(:func:`purge_expired`).
 """
 
 import contextlib
@@ -204,21 +205,28 @@ def stored_logout(key: str, credential: str) -> IdempotencyKey | None:
     )
 
 
-def purge_expired(batch: int = PURGE_BATCH) -> int:
-    """Delete expired keys, ``batch`` rows per short transaction, skipping rows another
+def purge_batch(batch: int = PURGE_BATCH) -> int:
+    """Delete up to ``batch`` expired keys in one short transaction, skipping rows another
     transaction has locked (a request deleting the same expired key): it never waits, and no
     request waits on it for longer than one batch. Returns how many were deleted."""
+    with transaction.atomic():
+        ids = list(
+            IdempotencyKey.objects.select_for_update(skip_locked=True)
+            .filter(expires_at__lte=timezone.now())
+            .order_by("expires_at")
+            .values_list("pk", flat=True)[:batch]
+        )
+        if ids:
+            IdempotencyKey.objects.filter(pk__in=ids).delete()
+    return len(ids)
+
+
+def purge_expired(batch: int = PURGE_BATCH) -> int:
+    """Delete every expired key, ``batch`` rows at a time (:func:`purge_batch`). Returns how
+    many were deleted."""
     deleted = 0
     while True:
-        with transaction.atomic():
-            ids = list(
-                IdempotencyKey.objects.select_for_update(skip_locked=True)
-                .filter(expires_at__lte=timezone.now())
-                .order_by("expires_at")
-                .values_list("pk", flat=True)[:batch]
-            )
-            if ids:
-                IdempotencyKey.objects.filter(pk__in=ids).delete()
-        deleted += len(ids)
-        if len(ids) < batch:
+        done = purge_batch(batch)
+        deleted += done
+        if done < batch:
             return deleted
