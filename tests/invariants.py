@@ -40,7 +40,7 @@ def invariant_violations() -> list[str]:
             )
         if (row["status"] == "open") != (row["assigned_to_id"] is None):
             problems.append(f"ticket {row['id']} is {row['status']} with {row['assigned_to_id']}")
-    return problems + history_violations() + count_violations()
+    return problems + history_violations() + version_violations() + count_violations()
 
 
 def count_violations() -> list[str]:
@@ -75,6 +75,23 @@ def history_violations() -> list[str]:
         if expected != actual:
             problems.append(f"ticket {row['id']} is {actual}, its history says {expected}")
     return problems
+
+
+def version_violations() -> list[str]:
+    """Every write of a ticket adds one to its version and leaves one event: a ticket is at
+    version 1 plus its events after ``created`` (a write that skipped the version, or counted
+    twice, shows up here)."""
+    events = dict(
+        TicketEvent.objects.exclude(kind=TicketEvent.Kind.CREATED)
+        .values_list("ticket_id")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    return [
+        f"ticket {pk} is at version {version} after {events.get(pk, 0)} changes"
+        for pk, version in Ticket.objects.values_list("id", "version")
+        if version != 1 + events.get(pk, 0)
+    ]
 
 
 def held_ticket_ids(agent_id: int) -> set[int]:

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from support import services
@@ -248,7 +249,7 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
                 )
                 now = timezone.now()
                 Ticket.objects.filter(pk=ticket.pk).update(
-                    status="assigned", assigned_to=agent, assigned_at=now
+                    status="assigned", assigned_to=agent, assigned_at=now, version=F("version") + 1
                 )
                 TicketAssignment.objects.create(ticket=ticket, agent=agent, assigned_at=now)
                 TicketEvent.objects.create(

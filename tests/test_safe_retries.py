@@ -8,6 +8,7 @@ session holding locks; every transaction commits.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import threading
@@ -602,3 +603,135 @@ def test_the_purge_command_deletes_expired_keys(admin):
     call_command("purge_idempotency_keys", stdout=out)
     assert out.getvalue().strip() == "Deleted 1 expired idempotency key(s)."
     assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["c1"]
+
+
+async def test_if_match_compares_entity_tags_as_strings(admin_client, make_client, admin, agent):
+    """Strong comparison is of the opaque tags, character by character (RFC 9110 8.8.3.2):
+    "12.01" is not "12.1", though both read as the same number."""
+    [ticket] = await run_sync(create_tickets, admin, 1)
+    [held] = await run_sync(create_held, admin, agent, 1)
+    url = f"/api/tickets/{ticket.pk}/"
+    assert (await admin_client.get(url)).headers["ETag"] == f'"{ticket.pk}.1"'
+    before = await run_sync(db_state)
+    for other in (f'"{ticket.pk}.01"', f'"{ticket.pk}.001"', f'"0{ticket.pk}.1"'):
+        r = await admin_client.patch(url, json={"title": "x"}, headers={"If-Match": other})
+        assert r.status_code == 412, (other, r.text)
+        assert (await admin_client.delete(url, headers={"If-Match": other})).status_code == 412
+    client = make_client(agent.token)
+    moved = await client.post(
+        "/api/agent/tickets/",
+        json={"ticket_id": held.pk, "status": "resolved"},
+        headers={"If-Match": f'"{held.pk}.01"'},
+    )
+    assert moved.status_code == 412
+    released = await client.post(
+        f"/api/agent/tickets/{held.pk}/release/", headers={"If-Match": f'"{held.pk}.01"'}
+    )
+    assert released.status_code == 412
+    assert await run_sync(db_state) == before
+
+
+async def test_a_keyed_logout_with_another_token_is_another_request(make_client, agent):
+    """A logout revokes the token it is made with: the same key with another of the user's
+    tokens is another request (422), never the first logout's 204 with that token still
+    valid."""
+    from support.tokens import token_issue
+
+    second = await run_sync(token_issue, user_id=agent.pk)
+    first = await make_client(agent.token).post("/api/auth/logout/", headers=keyed("out"))
+    assert first.status_code == 204
+    other = make_client(second)
+    r = await other.post("/api/auth/logout/", headers=keyed("out"))
+    assert r.status_code == 422, r.headers
+    assert "another request" in r.json()["detail"]
+    assert (await other.get("/api/agent/tickets/")).status_code == 200  # not revoked: said so
+    # the first token's retry still gets its answer
+    again = await make_client(agent.token).post("/api/auth/logout/", headers=keyed("out"))
+    assert (again.status_code, again.headers["Idempotent-Replayed"]) == (204, "true")
+
+
+@postgresql_only
+async def test_a_refusal_of_the_caller_found_under_the_lock_is_not_stored(
+    make_client, admin, agent
+):
+    """The service checks the caller again under its row lock; an agent deactivated meanwhile
+    is refused 401 there, as the token check would have refused it. That refusal is about
+    the caller, not the request: like the token check's, it is not stored, so once the agent
+    is active again (logged in anew) the retry runs, and never replays a 401 (which would
+    also lack its WWW-Authenticate)."""
+    from support import services
+    from support.tokens import token_issue
+
+    [ticket] = await run_sync(create_held, admin, agent, 1)
+    body = {"ticket_id": ticket.pk, "status": "resolved"}
+    with psycopg.connect(psycopg_conninfo("retries-test-locker")) as locker:
+        locker.execute("UPDATE auth_user SET is_active = false WHERE id = %s", [agent.pk])
+        first = asyncio.create_task(
+            make_client(agent.token).post("/api/agent/tickets/", json=body, headers=keyed("gone"))
+        )
+        await _until_waiting(locker, agent.pk)  # past the token check, at the agent's lock
+        locker.commit()
+        refused = await first
+    assert refused.status_code == 401, refused.text
+    assert refused.headers["WWW-Authenticate"] == "Token"
+    assert await IdempotencyKey.objects.acount() == 0
+    await run_sync(services.agent_reactivate, agent_id=agent.pk)
+    token = await run_sync(token_issue, user_id=agent.pk)
+    retry = await make_client(token).post("/api/agent/tickets/", json=body, headers=keyed("gone"))
+    assert retry.status_code == 200, retry.text
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.json()["status"] == "resolved"
+
+
+def _expired_keys(user, count: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO support_idempotency_key (user_id, key, fingerprint, status, body,"
+            " headers, credential, created_at, expires_at)"
+            " SELECT %s, 'old-' || n, repeat('0', 64), 201, repeat('x', 300), '{}', '',"
+            " now() - interval '2 days', now() - interval '1 day'"
+            " FROM generate_series(1, %s) AS n",
+            [user.pk, count],
+        )
+
+
+@postgresql_only
+async def test_a_backlog_of_expired_keys_never_holds_up_the_presence_flush(
+    make_client, admin, monkeypatch
+):
+    """The purge shares the worker's housekeeping thread with the presence flush and the idle
+    sweep: a backlog (a day of keys after the workers were down) is deleted a slice at a
+    time, and the flush keeps its interval meanwhile, as the idle release counts on."""
+    from support import housekeeping, presence
+
+    await run_sync(_expired_keys, admin, 150_000)  # seconds of purging, in one go
+    real_flush = presence.flush
+    flushed = []
+
+    def flush():
+        flushed.append(time.monotonic())
+        return real_flush()
+
+    monkeypatch.setattr(presence, "flush", flush)
+    monkeypatch.setattr(housekeeping, "PURGE_EVERY", 0.05)
+    task = housekeeping._task
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    loop = asyncio.get_running_loop()
+    with override_settings(SUPPORT_PRESENCE_FLUSH_SECONDS=0.2):
+        flushed.append(time.monotonic())
+        await make_client(admin.token).get("/api/tickets/")  # starts the task on this loop
+        deadline = time.monotonic() + 60
+        while await IdempotencyKey.objects.acount():
+            assert time.monotonic() < deadline, "the background purge never finished"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # a flush or two after it
+        housekeeping._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping._task
+        await loop.run_in_executor(housekeeping._executor, lambda: None)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(flushed)]
+    assert len(gaps) >= 3
+    assert max(gaps) < 1.2, [round(gap, 2) for gap in gaps]

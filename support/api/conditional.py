@@ -32,7 +32,8 @@ ANY = "*"
 _TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
 _SEPARATORS = re.compile(r"[ \t,]*")
 _END_OF_ELEMENT = re.compile(r"[ \t]*(?:,|\Z)")
-_VERSION = re.compile(r"[0-9]{1,18}")
+# a version as etag() writes it: no leading zero (tags compare as strings, "1.01" is not "1.1")
+_VERSION = re.compile(r"0|[1-9][0-9]{0,17}")
 MALFORMED = 'Entity tags in double quotes (e.g. "12.3"), separated by commas, or *.'
 
 
@@ -81,7 +82,8 @@ def _entity_tags(header: str, value: str) -> list[tuple[bool, str]] | str:
 def if_match_versions(request, ticket_id: int) -> frozenset[int] | None:
     """The versions of ticket ``ticket_id`` the request's If-Match accepts; None when it sets
     no condition on the version (no header, or ``*``). Weak tags never match (strong
-    comparison), nor do tags of other tickets."""
+    comparison), nor do tags of other tickets, nor another spelling of a version ("12.01" is
+    not "12.1": tags compare character by character)."""
     value = request.META.get("HTTP_IF_MATCH")
     if value is None:
         return None

@@ -16,21 +16,25 @@ runs in one transaction:
    is visible;
    - found (not expired), same request: its stored status, body and ETag, with
      ``Idempotent-Replayed: true``; no effect. Another request (method, path, If-Match or
-     body differ; the JSON body compared as data, so key order and spacing do not count): 422;
+     body differ, or a logout's token; the JSON body compared as data, so key order and
+     spacing do not count): 422;
    - not found, lock not got: the first request of the key is still running: 409 with
      ``Retry-After: 1``;
 3. the effect (the service's own transaction, a savepoint in this one), then the key's row
    with the answer, in this transaction: both commit, or neither. A refusal (4xx) is stored
    like a success, so a retry cannot turn it into one; a failure (5xx: the database, a lock
-   wait) stores nothing and rolls everything back, so a retry runs anew.
+   wait) stores nothing and rolls everything back, so a retry runs anew, as does a refusal
+   of the caller the service finds under its lock (401, 403: deactivated, or no longer an
+   agent), which the checks before the work would have given.
 
 The key's row is written after the effect, so it adds no lock before the service's own (the
 lock contract in support.services.locks): the advisory lock is only tried, and the row is new
 (its unique index waits for nobody: another request of the key would hold the advisory lock).
 On SQLite every write transaction runs alone (BEGIN IMMEDIATE), so there is no lock to try.
 
-Expired rows count as absent and are removed by the housekeeping task (:func:`purge_expired`,
-in batches, skipping rows in use) or ``manage.py purge_idempotency_keys``.
+Expired rows count as absent and are removed by the housekeeping task (:func:`purge_batch`,
+a slice of batches at a time, skipping rows in use) or ``manage.py purge_idempotency_keys``
+(:func:`purge_expired`).
 """
 
 import contextlib
@@ -55,6 +59,10 @@ REPLAYED = "Idempotent-Replayed"
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 # the headers of an answer that are part of it, and replayed with it
 _STORED_HEADERS = ("ETag",)
+# Refusals of the caller, not of the request (its token, its account or role, its rate): the
+# checks before the work give them, and a service that checks the caller again under its lock
+# (support.services.locks.require_active_agent). Not stored: once the caller may, the retry runs.
+_CALLER_REFUSALS = frozenset({401, 403, 429})
 PURGE_BATCH = 1000
 
 
@@ -70,8 +78,8 @@ class KeyInUse(exceptions.APIException):
 class KeyReused(exceptions.APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_detail = (
-        "This Idempotency-Key was used for another request (method, path, If-Match or body "
-        "differ); use a new key for a new request."
+        "This Idempotency-Key was used for another request (method, path, If-Match, body or a "
+        "logout's token differ); use a new key for a new request."
     )
     default_code = "idempotency_key_reused"
 
@@ -90,9 +98,10 @@ def request_key(request) -> str | None:
     return value
 
 
-def fingerprint(request) -> str:
+def fingerprint(request, credential: str = "") -> str:
     """SHA-256 of what makes the request this request: method, path, If-Match and body (a
-    JSON body as data, its keys sorted; anything else as bytes)."""
+    JSON body as data, its keys sorted; anything else as bytes), and the ``credential`` it
+    acts on, if any (a logout's token: another token's logout is another request)."""
     try:
         body = request._request.body
     except RawPostDataException:  # a form read by the session check's CSRF: its fields
@@ -103,12 +112,15 @@ def fingerprint(request) -> str:
             json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode()
     digest = hashlib.sha256()
-    for part in (
+    parts = [
         request.method.encode(),
         request.path.encode(),
         request.META.get("HTTP_IF_MATCH", "").encode("latin-1"),
         body,
-    ):
+    ]
+    if credential:  # (only then: every other request's fingerprint stays as it was)
+        parts.append(credential.encode())
+    for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
@@ -145,7 +157,7 @@ def keyed(view, key: str, work, *, credential: str = ""):
     the hash of the token a logout revokes (support.api.login)."""
     request = view.request
     user_id = request.user.pk
-    wanted = fingerprint(request)
+    wanted = fingerprint(request, credential)
     with transaction.atomic():
         free = _lock_key(user_id, key)
         stored = IdempotencyKey.objects.filter(user_id=user_id, key=key).first()
@@ -166,7 +178,7 @@ def keyed(view, key: str, work, *, credential: str = ""):
             raise  # no answer to store: everything rolls back, a retry runs anew
         except Exception as exc:
             response = view.handle_exception(exc)  # a refusal, stored like an answer
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in _CALLER_REFUSALS:
             transaction.set_rollback(True)
             return response
         data = getattr(response, "data", None)
@@ -193,21 +205,28 @@ def stored_logout(key: str, credential: str) -> IdempotencyKey | None:
     )
 
 
-def purge_expired(batch: int = PURGE_BATCH) -> int:
-    """Delete expired keys, ``batch`` rows per short transaction, skipping rows another
+def purge_batch(batch: int = PURGE_BATCH) -> int:
+    """Delete up to ``batch`` expired keys in one short transaction, skipping rows another
     transaction has locked (a request deleting the same expired key): it never waits, and no
     request waits on it for longer than one batch. Returns how many were deleted."""
+    with transaction.atomic():
+        ids = list(
+            IdempotencyKey.objects.select_for_update(skip_locked=True)
+            .filter(expires_at__lte=timezone.now())
+            .order_by("expires_at")
+            .values_list("pk", flat=True)[:batch]
+        )
+        if ids:
+            IdempotencyKey.objects.filter(pk__in=ids).delete()
+    return len(ids)
+
+
+def purge_expired(batch: int = PURGE_BATCH) -> int:
+    """Delete every expired key, ``batch`` rows at a time (:func:`purge_batch`). Returns how
+    many were deleted."""
     deleted = 0
     while True:
-        with transaction.atomic():
-            ids = list(
-                IdempotencyKey.objects.select_for_update(skip_locked=True)
-                .filter(expires_at__lte=timezone.now())
-                .order_by("expires_at")
-                .values_list("pk", flat=True)[:batch]
-            )
-            if ids:
-                IdempotencyKey.objects.filter(pk__in=ids).delete()
-        deleted += len(ids)
-        if len(ids) < batch:
+        done = purge_batch(batch)
+        deleted += done
+        if done < batch:
             return deleted

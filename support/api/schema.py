@@ -56,7 +56,8 @@ ERROR_TEXT = {
         "current one."
     ),
     422: (
-        "This Idempotency-Key was used for another request (method, path, If-Match or body differ)."
+        "This Idempotency-Key was used for another request (method, path, If-Match, body or a "
+        "logout's token differ)."
     ),
     428: "If-Match is required on ticket writes here (SUPPORT_REQUIRE_IF_MATCH) and missing.",
     429: "Too many requests (with `Retry-After`, in seconds).",
