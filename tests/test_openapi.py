@@ -105,7 +105,11 @@ KEYED = {"409", "422"}  # Idempotency-Key: the first still running; another requ
             "post",
             {"201", "400", "401", "403", "413", "415", "429", "503"} | KEYED,
         ),
-        ("/api/tickets/{id}/", "get", {"200", "304", "400", "401", "403", "404", "429", "503"}),
+        (
+            "/api/tickets/{id}/",
+            "get",
+            {"200", "304", "400", "401", "403", "404", "412", "429", "503"},
+        ),
         (
             "/api/tickets/{id}/",
             "patch",

@@ -735,3 +735,35 @@ async def test_a_backlog_of_expired_keys_never_holds_up_the_presence_flush(
     gaps = [later - earlier for earlier, later in itertools.pairwise(flushed)]
     assert len(gaps) >= 3
     assert max(gaps) < 1.2, [round(gap, 2) for gap in gaps]
+
+
+async def test_if_none_match_guards_writes_and_if_match_guards_a_read(
+    admin_client, make_client, admin, agent
+):
+    """RFC 9110 evaluates both on every method: If-None-Match on a write refuses the versions it
+    names (``*``: every one, the ticket exists); If-Match on a read refuses any other."""
+    [ticket] = await run_sync(create_tickets, admin, 1)
+    url = f"/api/tickets/{ticket.pk}/"
+    current = (await admin_client.get(url)).headers["ETag"]
+    before = await run_sync(db_state)
+    for value in ("*", current, f"W/{current}", f'"{ticket.pk}.9", {current}'):
+        r = await admin_client.patch(url, json={"title": "x"}, headers={"If-None-Match": value})
+        assert (r.status_code, r.headers.get("ETag")) == (412, current), value
+    r = await admin_client.delete(url, headers={"If-None-Match": "*"})
+    assert r.status_code == 412
+    assert await run_sync(db_state) == before
+    r = await admin_client.get(url, headers={"If-Match": f'"{ticket.pk}.9"'})
+    assert (r.status_code, r.headers["ETag"]) == (412, current)
+    r = await admin_client.get(url, headers={"If-Match": current})
+    assert r.status_code == 200
+    r = await admin_client.patch(
+        url, json={"title": "y"}, headers={"If-None-Match": f'"{ticket.pk}.9"'}
+    )
+    assert r.status_code == 200
+    [held] = await run_sync(create_held, admin, agent, 1)
+    moved = await make_client(agent.token).post(
+        "/api/agent/tickets/",
+        json={"ticket_id": held.pk, "status": "resolved"},
+        headers={"If-None-Match": f'"{held.pk}.1"'},
+    )
+    assert moved.status_code == 412

@@ -96,12 +96,13 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_retrieve",
-        parameters=[ID_PATH, IF_NONE_MATCH, etag_header(200, 304)],
+        parameters=[ID_PATH, IF_NONE_MATCH, IF_MATCH, etag_header(200, 304, 412)],
         responses=answers(
             {200: TicketSerializer, 304: OpenApiResponse(description=ERROR_TEXT[304])},
             401,
             403,
             404,
+            412,
             field_errors=True,
         ),
     )
@@ -114,7 +115,7 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_update",
-        parameters=[ID_PATH, IF_MATCH, etag_header(200, 412)],
+        parameters=[ID_PATH, IF_MATCH, IF_NONE_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer,
         responses=answers(
             {200: TicketSerializer},
@@ -133,7 +134,7 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_partial_update",
-        parameters=[ID_PATH, IF_MATCH, etag_header(200, 412)],
+        parameters=[ID_PATH, IF_MATCH, IF_NONE_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer(partial=True),
         responses=answers(
             {200: TicketSerializer},
@@ -151,7 +152,7 @@ class TicketDetailView(APIView):
         return await self.in_thread(self._update, request, pk, partial=True)
 
     def _update(self, request, pk, *, partial):
-        versions = conditional.admin_write_versions(request, pk)
+        versions = conditional.admin_write_preconditions(request, pk)
         # The ticket first, as DRF's generic views do: an unknown one is 404, a stale If-Match
         # 412, whatever the body. The edit starts from this read, so a valid edit costs no
         # extra statement; its version is compared again under the edit's locks.
@@ -170,14 +171,14 @@ class TicketDetailView(APIView):
 
     @extend_schema(
         operation_id="tickets_destroy",
-        parameters=[ID_PATH, IF_MATCH, etag_header(412)],
+        parameters=[ID_PATH, IF_MATCH, IF_NONE_MATCH, etag_header(412)],
         responses=answers({204: None}, 401, 403, 404, 409, 412, 428, field_errors=True),
     )
     async def delete(self, request, pk):
         return await self.in_thread(self._delete, request, pk)
 
     def _delete(self, request, pk):
-        versions = conditional.admin_write_versions(request, pk)
+        versions = conditional.admin_write_preconditions(request, pk)
         services.ticket_delete(ticket_id=pk, actor_id=request.user.pk, versions=versions)
         return Response(status=status.HTTP_204_NO_CONTENT)
 

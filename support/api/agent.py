@@ -15,6 +15,7 @@ from support.api.schema import (
     ID_PATH,
     IDEMPOTENCY_KEY,
     IF_MATCH,
+    IF_NONE_MATCH,
     KEY_IN_USE,
     REPLAYED,
     TransitionRefusedSerializer,
@@ -96,7 +97,7 @@ class AgentTicketsView(APIView):
             "status one of the two (else 400), a move the state machine allows (else 409)."
         ),
         request=AgentTransitionSerializer,
-        parameters=[IDEMPOTENCY_KEY, IF_MATCH, REPLAYED, etag_header(200, 412)],
+        parameters=[IDEMPOTENCY_KEY, IF_MATCH, IF_NONE_MATCH, REPLAYED, etag_header(200, 412)],
         responses=keyed(
             {
                 **answers(
@@ -129,7 +130,7 @@ class AgentTicketsView(APIView):
             agent_id=request.user.pk,
             ticket_id=ticket_id,
             to_status=serializer.validated_data["status"],
-            versions=conditional.if_match_versions(request, ticket_id),
+            versions=conditional.write_preconditions(request, ticket_id),
         )
         return conditional.ticket_response(row)
 
@@ -149,7 +150,14 @@ class AgentTicketReleaseView(APIView):
             "with the agent who worked them)."
         ),
         request=None,
-        parameters=[ID_PATH, IDEMPOTENCY_KEY, IF_MATCH, REPLAYED, etag_header(200, 412)],
+        parameters=[
+            ID_PATH,
+            IDEMPOTENCY_KEY,
+            IF_MATCH,
+            IF_NONE_MATCH,
+            REPLAYED,
+            etag_header(200, 412),
+        ],
         responses=keyed(
             {
                 **answers({200: TicketSerializer}, 401, 403, 404, 412, field_errors=True),
@@ -167,7 +175,7 @@ class AgentTicketReleaseView(APIView):
         return await self.in_thread(self._release, request, pk)
 
     def _release(self, request, pk):
-        versions = conditional.if_match_versions(request, pk)
+        versions = conditional.write_preconditions(request, pk)
         row = services.ticket_release_by_agent(
             agent_id=request.user.pk, ticket_id=pk, versions=versions
         )

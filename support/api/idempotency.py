@@ -99,7 +99,8 @@ def request_key(request) -> str | None:
 
 
 def fingerprint(request, credential: str = "") -> str:
-    """SHA-256 of what makes the request this request: method, path, If-Match and body (a
+    """SHA-256 of what makes the request this request: method, path, its preconditions
+    (If-Match, If-None-Match) and body (a
     JSON body as data, its keys sorted; anything else as bytes), and the ``credential`` it
     acts on, if any (a logout's token: another token's logout is another request)."""
     try:
@@ -118,6 +119,8 @@ def fingerprint(request, credential: str = "") -> str:
         request.META.get("HTTP_IF_MATCH", "").encode("latin-1"),
         body,
     ]
+    if "HTTP_IF_NONE_MATCH" in request.META:  # (only then, as for the credential below)
+        parts.append(b"If-None-Match: " + request.META["HTTP_IF_NONE_MATCH"].encode("latin-1"))
     if credential:  # (only then: every other request's fingerprint stays as it was)
         parts.append(credential.encode())
     for part in parts:

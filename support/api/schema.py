@@ -99,15 +99,18 @@ IF_MATCH = OpenApiParameter(
     str,
     OpenApiParameter.HEADER,
     description=(
-        'The ticket\'s ETag as read (e.g. `"12.3"`; a list, or `*`): the write happens only '
-        "at that version, else 412 with the current ETag."
+        'The ticket\'s ETag as read (e.g. `"12.3"`; a list, or `*`): the write (or read) '
+        "happens only at that version, else 412 with the current ETag."
     ),
 )
 IF_NONE_MATCH = OpenApiParameter(
     "If-None-Match",
     str,
     OpenApiParameter.HEADER,
-    description="An ETag the client has: 304 without a body while it is current.",
+    description=(
+        "ETags the client has (or `*`). GET: 304 without a body while one is current. A "
+        "write: 412 while one is current (`*`: always, the ticket exists)."
+    ),
 )
 REPLAYED = OpenApiParameter(
     "Idempotent-Replayed",
