@@ -588,6 +588,24 @@ async def test_one_key_on_an_admin_route_and_an_agent_route_is_each_users_own(ma
     assert await run_sync(db_state) == before
 
 
+@pytest.mark.parametrize(("pattern", "method"), KEYED)
+async def test_a_malformed_key_never_hides_a_refusal_of_the_checks(
+    make_client, world, pattern, method
+):
+    """The checks come first: no or bad credentials are 401 with the Token challenge, the wrong
+    role 403, whatever the Idempotency-Key looks like (its 400 is for a caller who may ask)."""
+    nobody = await run_sync(create_user)
+    before = await run_sync(db_state)
+    for value in (b"", b"a b", "caf\xe9".encode(), b"x" * 256):
+        headers = {"Idempotency-Key": value}
+        for client in (make_client(), make_client(UNKNOWN_KEY)):
+            assert_401(await call(client, world, pattern, method, headers))
+        if ROUTE_ROLE[pattern.name] != "any user":
+            response = await call(make_client(nobody.token), world, pattern, method, headers)
+            assert response.status_code == 403, response.text
+    assert await run_sync(db_state) == before
+
+
 @pytest.mark.smoke
 async def test_a_precondition_on_a_ticket_that_is_gone_is_404_without_an_etag(make_client, world):
     """RFC 9110 13.2.1: preconditions are ignored when the request without them would not
