@@ -1,5 +1,9 @@
 """Authentication and roles: the token login, 401 for missing or bad credentials, the role
 matrix over every API route, admins who are also agents, and session auth for the browsable API.
+
+The safe-retry headers go through the same matrix: an Idempotency-Key belongs to its user and
+stores nothing the checks refused; If-Match and If-None-Match are judged only for a caller who
+may see the ticket (a 412's ETag, a 304, would tell its version).
 """
 
 import hashlib
@@ -16,7 +20,7 @@ from django.utils import timezone
 from support import services
 from support.api.urls import urlpatterns
 from support.models import ApiToken as Token
-from support.models import Ticket, TicketAssignment
+from support.models import IdempotencyKey, Ticket, TicketAssignment
 from support.tokens import key_hash, token_issue
 from tests.conftest import PASSWORD, create_held, create_tickets, create_user, db_state, run_sync
 
@@ -269,10 +273,27 @@ def world(admin, agent):
     return World(admin, agent, spare_agent, held.pk, open_ticket.pk)
 
 
-async def call(client: httpx.AsyncClient, world: World, pattern, method: str) -> httpx.Response:
+async def call(
+    client: httpx.AsyncClient, world: World, pattern, method: str, headers: dict | None = None
+) -> httpx.Response:
     body_of, _ = RIGHT_ROLE_CALLS[(pattern.name, method)]
     kwargs = {"json": body_of(world)} if body_of is not None else {}
-    return await client.request(method, world.url(pattern), **kwargs)
+    return await client.request(method, world.url(pattern), headers=headers, **kwargs)
+
+
+def guarded(world: World, key: str = "matrix-key") -> dict:
+    """Headers that change an authorized answer: an Idempotency-Key (its answer is stored),
+    If-Match naming versions the tickets never had (412) and If-None-Match: * (304 on a
+    ticket's GET). A route without them ignores them."""
+    stale = f'"{world.held_ticket}.0", "{world.open_ticket}.0"'
+    return {"Idempotency-Key": key, "If-Match": stale, "If-None-Match": "*"}
+
+
+def assert_reveals_nothing(response: httpx.Response) -> None:
+    """A refusal by the checks or a 404: no version (ETag), no stored answer (replay)."""
+    assert response.status_code in (401, 403, 404), response.text
+    assert "ETag" not in response.headers, response.headers
+    assert "Idempotent-Replayed" not in response.headers, response.headers
 
 
 def test_every_api_route_is_in_the_role_matrix():
@@ -301,8 +322,10 @@ def _dead_credentials(world) -> dict[str, str]:
 async def test_route_admits_only_its_role(make_client, world, pattern, method):
     """Anonymous, and bad, expired, revoked or deactivated users' tokens: 401 with the Token
     challenge. Authenticated with the wrong role (the other role, or no role at all): 403.
-    Another agent on a ticket's history: 404. None of these changes any data. The right role
-    (admin, agent, another agent where any agent will do) gets its success."""
+    Another agent on a ticket's history: 404. None of these changes any data, and each is the
+    same with an Idempotency-Key, a stale If-Match and If-None-Match: * (``guarded``): no 412,
+    no 304, no ETag, nothing stored under the key. The right role (admin, agent, another agent
+    where any agent will do) gets its success."""
     nobody = await run_sync(create_user)  # authenticated, neither admin nor agent
     dead = await run_sync(_dead_credentials, world)
     role = ROUTE_ROLE[pattern.name]
@@ -316,30 +339,303 @@ async def test_route_admits_only_its_role(make_client, world, pattern, method):
         rights, wrongs = [world.admin, world.agent], [nobody]
     before = await run_sync(db_state)
 
-    assert_401(await call(make_client(), world, pattern, method))
-    for kind, key in dead.items():
-        response = await call(make_client(key), world, pattern, method)
-        assert response.status_code == 401, (kind, response.text)
-        assert response.headers.get("WWW-Authenticate") == "Token", kind
-    for user in wrongs:
-        response = await call(make_client(user.token), world, pattern, method)
-        assert response.status_code == 403, (user.username, response.text)
-        if method != "HEAD":
-            assert "detail" in response.json()
-    if role == "admin or holder" and method == "GET":
-        response = await call(make_client(world.spare_agent.token), world, pattern, method)
-        assert response.status_code == 404, response.text
+    for headers in (None, guarded(world)):
+        response = await call(make_client(), world, pattern, method, headers)
+        assert_401(response)
+        assert_reveals_nothing(response)
+        for kind, key in dead.items():
+            response = await call(make_client(key), world, pattern, method, headers)
+            assert response.status_code == 401, (kind, response.text)
+            assert response.headers.get("WWW-Authenticate") == "Token", kind
+            assert_reveals_nothing(response)
+        for user in wrongs:
+            response = await call(make_client(user.token), world, pattern, method, headers)
+            assert response.status_code == 403, (user.username, response.text)
+            assert_reveals_nothing(response)
+            if method != "HEAD":
+                assert "detail" in response.json()
+        if role == "admin or holder" and method == "GET":
+            client = make_client(world.spare_agent.token)
+            response = await call(client, world, pattern, method, headers)
+            assert response.status_code == 404, response.text
+            assert_reveals_nothing(response)
     assert await run_sync(db_state) == before
 
     if role == "agent" and method in ("GET", "POST"):
-        # another agent: served as an agent, but the held ticket is not its own
-        response = await call(make_client(world.spare_agent.token), world, pattern, method)
+        # another agent: served as an agent, but the held ticket is not its own; not even a
+        # precondition on it is judged (412 would tell its version)
+        client = make_client(world.spare_agent.token)
+        response = await call(client, world, pattern, method)
         assert response.status_code == (200 if method == "GET" else 404), response.text
+        if method == "POST":
+            response = await call(client, world, pattern, method, guarded(world))
+            assert response.status_code == 404, response.text
+            assert_reveals_nothing(response)
 
     _, expected = RIGHT_ROLE_CALLS[(pattern.name, method)]
     for user in rights:
         response = await call(make_client(user.token), world, pattern, method)
         assert response.status_code == expected, (user.username, response.text)
+
+
+# --- Idempotency-Key and preconditions across users, roles and refusals -----------------------
+KEYED = [p for p in ROUTES if p.values[1] == "POST" and p.values[0].callback.cls.idempotency_keys]
+KEY = {"Idempotency-Key": "one-key"}
+# What a route answers ``guarded`` headers with once the caller may see the ticket: a stale
+# If-Match 412, If-None-Match: * 304 (the matrix's control: the headers do bite).
+PRECONDITIONS = {
+    ("ticket-detail", "GET"): 304,
+    ("ticket-detail", "HEAD"): 304,
+    ("ticket-detail", "PUT"): 412,
+    ("ticket-detail", "PATCH"): 412,
+    ("ticket-detail", "DELETE"): 412,
+    ("agent-tickets", "POST"): 412,
+    ("agent-ticket-release", "POST"): 412,
+}
+# A second user of the route's role sending the first one's exact request, key included: its
+# own request's answer. A new admin creates its own ticket, its agent's username is taken; the
+# other agent does not hold the ticket; the other user's logout revokes its own token.
+SECOND_USERS_OWN = {
+    "ticket-list": 201,
+    "agent-list": 400,
+    "agent-tickets": 404,
+    "agent-ticket-release": 404,
+    "auth-logout": 204,
+}
+
+
+def _without_keys(state: dict) -> dict:
+    return {table: rows for table, rows in state.items() if table != "idempotency_keys"}
+
+
+def _stored_keys() -> set[tuple[int, str]]:
+    return set(IdempotencyKey.objects.values_list("user_id", "key"))
+
+
+def _grant(user, role: str) -> None:
+    if role == "admin":
+        services.User.objects.filter(pk=user.pk).update(is_staff=True)
+    else:
+        user.groups.add(services.agents_group())
+
+
+def _expired_token(user) -> str:
+    key = token_issue(user_id=user.pk)
+    Token.objects.filter(key_hash=key_hash(key)).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    return key
+
+
+def test_every_keyed_route_and_precondition_is_in_the_matrix():
+    """The routes that take Idempotency-Key (the views' flag) and those whose schema documents
+    If-Match or If-None-Match are the ones the tests below go through (HEAD: the GET's)."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    keyed, conditional = set(), set()
+    for pattern in urlpatterns:
+        kwargs = {"pk": 1} if "pk" in pattern.pattern.converters else {}
+        path = reverse(pattern.name, kwargs=kwargs).replace("/1/", "/{id}/")
+        for method, operation in schema["paths"].get(path, {}).items():
+            headers = {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
+            if "Idempotency-Key" in headers:
+                keyed.add((pattern.name, method.upper()))
+            if headers & {"If-Match", "If-None-Match"}:
+                conditional.add((pattern.name, method.upper()))
+    assert keyed == {(p.values[0].name, p.values[1]) for p in KEYED}
+    assert conditional == set(PRECONDITIONS) - {("ticket-detail", "HEAD")}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "method"), [p for p in ROUTES if (p.values[0].name, p.values[1]) in PRECONDITIONS]
+)
+async def test_the_right_role_meets_the_preconditions_the_refused_never_do(
+    make_client, world, pattern, method
+):
+    """The control of the matrix's ``guarded`` calls: to a caller that may see the ticket, the
+    same headers answer 412 with the ticket's current ETag, or 304, and change nothing."""
+    user = world.admin if ROUTE_ROLE[pattern.name] == "admin" else world.agent
+    ticket = world.open_ticket if pattern.name == "ticket-detail" else world.held_ticket
+    before = await run_sync(db_state)
+    response = await call(make_client(user.token), world, pattern, method, guarded(world))
+    assert response.status_code == PRECONDITIONS[(pattern.name, method)], response.text
+    assert response.headers["ETag"] == f'"{ticket}.1"'
+    assert _without_keys(await run_sync(db_state)) == _without_keys(before)
+
+
+@pytest.mark.parametrize(("pattern", "method"), KEYED)
+async def test_a_keyed_request_the_checks_refuse_stores_nothing_and_its_retry_runs_anew(
+    make_client, world, pattern, method
+):
+    """Anonymous (401), an expired token (401), the wrong role (403): nothing is stored under
+    the key, so the same request sent again is refused again, never replayed. Once the caller
+    is fixed (a new token, the role given) the key's request runs as new, and only then is its
+    answer stored."""
+    role = ROUTE_ROLE[pattern.name]
+    user = world.admin if role == "admin" else world.agent
+    nobody = await run_sync(create_user)  # authenticated, no role
+    refusals = [(make_client(), 401), (make_client(await run_sync(_expired_token, user)), 401)]
+    if role != "any user":
+        refusals.append((make_client(nobody.token), 403))
+    before = await run_sync(db_state)
+    for _ in range(2):  # and again, nothing fixed
+        for client, status in refusals:
+            response = await call(client, world, pattern, method, KEY)
+            assert response.status_code == status, response.text
+            assert_reveals_nothing(response)
+    assert await run_sync(db_state) == before
+
+    fixed = make_client(await run_sync(token_issue, user_id=user.pk))
+    ran = await call(fixed, world, pattern, method, KEY)
+    assert ran.status_code == RIGHT_ROLE_CALLS[(pattern.name, method)][1], ran.text
+    assert "Idempotent-Replayed" not in ran.headers
+    again = await call(fixed, world, pattern, method, KEY)  # (a logout's: its revoked token)
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert (again.status_code, again.content) == (ran.status_code, ran.content)
+    stored = {(user.pk, KEY["Idempotency-Key"])}
+    if role != "any user":
+        await run_sync(_grant, nobody, role)
+        own = await call(make_client(nobody.token), world, pattern, method, KEY)
+        assert own.status_code == SECOND_USERS_OWN[pattern.name], own.text
+        assert "Idempotent-Replayed" not in own.headers
+        stored.add((nobody.pk, KEY["Idempotency-Key"]))
+    assert await run_sync(_stored_keys) == stored
+
+
+@pytest.mark.parametrize(("pattern", "method"), KEYED)
+async def test_another_user_reusing_a_key_gets_its_own_answer_never_the_first_users(
+    make_client, world, pattern, method
+):
+    """Keys belong to their user: a second user of the role sending the first one's exact
+    request under its key runs its own request (not a replay, not a 422), and each one's
+    retry replays its own answer. A user of another role is refused by the checks (403), and
+    the anonymous (401), before any key is looked at."""
+    role = ROUTE_ROLE[pattern.name]
+    if role == "admin":
+        first_user, second_user = world.admin, await run_sync(create_user, staff=True)
+        wrong = world.agent
+    elif role == "agent":
+        first_user, second_user, wrong = world.agent, world.spare_agent, world.admin
+    else:
+        first_user, second_user, wrong = world.agent, world.admin, None
+    first_client, second_client = make_client(first_user.token), make_client(second_user.token)
+
+    first = await call(first_client, world, pattern, method, KEY)
+    assert first.status_code == RIGHT_ROLE_CALLS[(pattern.name, method)][1], first.text
+    before = await run_sync(db_state)
+    if wrong is not None:
+        response = await call(make_client(wrong.token), world, pattern, method, KEY)
+        assert response.status_code == 403, response.text
+        assert_reveals_nothing(response)
+    response = await call(make_client(), world, pattern, method, KEY)
+    assert_401(response)
+    assert_reveals_nothing(response)
+    assert await run_sync(db_state) == before
+
+    second = await call(second_client, world, pattern, method, KEY)
+    assert second.status_code == SECOND_USERS_OWN[pattern.name], second.text
+    assert "Idempotent-Replayed" not in second.headers
+    if second.status_code == first.status_code == 201:
+        assert second.json()["id"] != first.json()["id"]
+        assert second.headers["ETag"] != first.headers["ETag"]
+    if pattern.name == "auth-logout":  # its own token revoked, not the first user's answer
+        assert_401(await second_client.post(world.url(pattern)))
+    for client, answer in ((second_client, second), (first_client, first)):
+        retry = await call(client, world, pattern, method, KEY)
+        assert retry.headers.get("Idempotent-Replayed") == "true"
+        assert (retry.status_code, retry.content) == (answer.status_code, answer.content)
+        assert retry.headers.get("ETag") == answer.headers.get("ETag")
+    key = KEY["Idempotency-Key"]
+    assert await run_sync(_stored_keys) == {(first_user.pk, key), (second_user.pk, key)}
+
+
+@pytest.mark.smoke
+async def test_one_key_on_an_admin_route_and_an_agent_route_is_each_users_own(make_client, world):
+    """An admin's key on a ticket create and an agent's same key on a move are two users'
+    requests: both run. Each sent to the other role's route is refused by the role check (403),
+    never answered with the other's stored answer. A user who has both roles has one set of
+    keys: its key sent with another request on another route is 422 and changes nothing."""
+    admin, agent = make_client(world.admin.token), make_client(world.agent.token)
+    create = {"title": "by the admin"}
+    move = {"ticket_id": world.held_ticket, "status": "resolved"}
+    created = await admin.post("/api/tickets/", json=create, headers=KEY)
+    assert created.status_code == 201, created.text
+    moved = await agent.post("/api/agent/tickets/", json=move, headers=KEY)
+    assert moved.status_code == 200, moved.text
+    assert "Idempotent-Replayed" not in moved.headers
+    assert moved.json()["status"] == "resolved"
+    before = await run_sync(db_state)
+    for response in (
+        await agent.post("/api/tickets/", json=create, headers=KEY),
+        await admin.post("/api/agent/tickets/", json=move, headers=KEY),
+    ):
+        assert response.status_code == 403, response.text
+        assert_reveals_nothing(response)
+    assert await run_sync(db_state) == before
+
+    both = await run_sync(create_user, staff=True, agent=True)
+    client = make_client(both.token)
+    mine = await client.post("/api/tickets/", json={"title": "by both"}, headers=KEY)
+    assert mine.status_code == 201, mine.text
+    before = await run_sync(db_state)
+    other = await client.post(
+        "/api/agent/tickets/",
+        json={"ticket_id": mine.json()["id"], "status": "resolved"},
+        headers=KEY,
+    )
+    assert other.status_code == 422, other.text
+    assert await run_sync(db_state) == before
+
+
+@pytest.mark.parametrize(("pattern", "method"), KEYED)
+async def test_a_malformed_key_never_hides_a_refusal_of_the_checks(
+    make_client, world, pattern, method
+):
+    """The checks come first: no or bad credentials are 401 with the Token challenge, the wrong
+    role 403, whatever the Idempotency-Key looks like (its 400 is for a caller who may ask)."""
+    nobody = await run_sync(create_user)
+    before = await run_sync(db_state)
+    for value in (b"", b"a b", "caf\xe9".encode(), b"x" * 256):
+        headers = {"Idempotency-Key": value}
+        for client in (make_client(), make_client(UNKNOWN_KEY)):
+            assert_401(await call(client, world, pattern, method, headers))
+        if ROUTE_ROLE[pattern.name] != "any user":
+            response = await call(make_client(nobody.token), world, pattern, method, headers)
+            assert response.status_code == 403, response.text
+    assert await run_sync(db_state) == before
+
+
+@pytest.mark.smoke
+async def test_a_precondition_on_a_ticket_that_is_gone_is_404_without_an_etag(make_client, world):
+    """RFC 9110 13.2.1: preconditions are ignored when the request without them would not
+    succeed. On a deleted ticket every precondition (stale, current, or *) is 404, never 412
+    or 304, for the admin and for the agent that held it."""
+    admin, agent = make_client(world.admin.token), make_client(world.agent.token)
+    gone = [world.open_ticket, world.held_ticket]
+    for ticket in gone:
+        assert (await admin.delete(f"/api/tickets/{ticket}/")).status_code == 204
+    before = await run_sync(db_state)
+    for ticket in gone:
+        url = f"/api/tickets/{ticket}/"
+        for tag in (f'"{ticket}.0"', f'"{ticket}.1"', "*"):
+            for response in (
+                await admin.get(url, headers={"If-None-Match": tag}),
+                await admin.patch(url, json={"title": "x"}, headers={"If-Match": tag}),
+                await admin.put(url, json={"title": "x"}, headers={"If-Match": tag}),
+                await admin.delete(url, headers={"If-Match": tag}),
+                await agent.post(
+                    "/api/agent/tickets/",
+                    json={"ticket_id": ticket, "status": "resolved"},
+                    headers={"If-Match": tag},
+                ),
+                await agent.post(
+                    f"/api/agent/tickets/{ticket}/release/", headers={"If-Match": tag}
+                ),
+            ):
+                assert response.status_code == 404, (response.request.method, tag, response.text)
+                assert_reveals_nothing(response)
+    assert await run_sync(db_state) == before
 
 
 @pytest.mark.smoke

@@ -17,7 +17,24 @@ Generation is steered towards data that resolves: schema-conforming cases often 
 a seeded ticket or agent, one of the agent's own tickets, or the real credentials, so the
 fuzzing reaches the 200/201/204/409 paths and not only the 404s and 400s. After each
 operation's run the four guarantees still hold (tests.invariants).
+
+The safe-retry headers the schema documents (Idempotency-Key, If-Match, If-None-Match) are
+generated like any optional parameter (about half the cases; the run asserts each was sent),
+and steered too: If-Match and If-None-Match often name the targeted ticket's current or an
+older ETag, or ``*``; a key already used in the run comes back, with the same request or
+another. Beyond the schema's checks:
+
+- a 4xx changes nothing (tests.conftest.db_state), but the key it is stored under;
+- a replay (``Idempotent-Replayed``) changes nothing, and is the stored answer of an earlier
+  request of the run with that key, the same request (method, path, If-Match, body as data),
+  status and body bytes; a 422 names a key stored for another request; a key stored once is
+  never run again (``KeyLedger``); with one request at a time, never a 409 "still running".
 """
+
+import json
+import re
+from contextlib import suppress
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import schemathesis
@@ -35,7 +52,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from support import services
-from tests.conftest import create_tickets, create_user
+from support.models import Ticket
+from tests.conftest import create_tickets, create_user, db_state
 from tests.invariants import assert_invariants
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -81,6 +99,19 @@ def retry_after_on_429_and_503(ctx, response, case):
         assert values[0].isdigit(), f"{case.operation.label}: Retry-After {values[0]!r}"
 
 
+def etag_names_the_ticket(ctx, response, case):
+    """support.api.conditional: a ticket answer's ETag is ``"<id>.<version>"`` of the ticket
+    it carries; a 412 and a 304 always say the current one."""
+    values = response.headers.get("etag") or []
+    label = f"{case.operation.label}: {response.status_code}"
+    if response.status_code in (304, 412):
+        assert len(values) == 1, f"{label} without ETag"
+        assert re.fullmatch(r'"[0-9]+\.[0-9]+"', values[0]), f"{label} with ETag {values[0]!r}"
+    if values and response.status_code < 300:
+        body = response.json()
+        assert values == [f'"{body["id"]}.{body["version"]}"'], f"{label}: ETag {values}, {body}"
+
+
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -89,6 +120,7 @@ CHECKS = [
     response_headers_conformance,
     www_authenticate_on_401,
     retry_after_on_429_and_503,
+    etag_names_the_ticket,
 ]
 
 
@@ -136,8 +168,114 @@ def seeded():
     cache.clear()
 
 
-def _steer(case, seeded: Seeded, role: str, data) -> None:
-    """Sometimes swap generated ids and credentials for ones that exist."""
+SAFE_RETRY_HEADERS = ("Idempotency-Key", "If-Match", "If-None-Match")
+CHECK_REFUSALS = (401, 403, 429)  # refused before the key is read: never stored
+
+
+def _replayed(response) -> bool:
+    return response.headers.get("idempotent-replayed") == ["true"]
+
+
+def _same_request(request) -> tuple:
+    """What makes a request the same request for its key (support.api.idempotency's
+    fingerprint): method, path, If-Match, and the body, a JSON one as data."""
+    body = request.body or b""
+    if isinstance(body, str):
+        body = body.encode()
+    with suppress(ValueError, RecursionError):
+        body = json.dumps(
+            json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+    path = unquote(urlsplit(request.url).path)
+    return (request.method, path, request.headers.get("If-Match", ""), body)
+
+
+class KeyLedger:
+    """The Idempotency-Keys one run (one user, one operation) sent, and the answer stored
+    under each."""
+
+    def __init__(self, operation, label: str):
+        self.label = label
+        self.keyed = "Idempotency-Key" in {parameter.name for parameter in operation.headers}
+        # the operation's route (support.api.urls: ids are 1 to 18 digits); a path that
+        # misses it never reaches the view, nor its key
+        self.route = re.compile(re.escape(operation.path).replace(r"\{id\}", "[0-9]{1,18}"))
+        self.stored: dict[str, tuple] = {}  # key -> (request, status, body)
+
+    def key_of(self, response) -> str | None:
+        """The key the answer is stored, or replayed, under; None when it has none."""
+        raw = response.request.headers.get("Idempotency-Key")
+        if raw is None or not self.keyed:
+            return None
+        if not self.route.fullmatch(_same_request(response.request)[1]):
+            return None
+        if response.status_code == 400 and "Idempotency-Key" in (response.json() or {}):
+            return None  # malformed: refused, stored nowhere
+        return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+
+    def check(self, response) -> None:
+        label, status = self.label, response.status_code
+        in_use = status == 409 and "retry-after" in response.headers
+        key = self.key_of(response)
+        if key is None:
+            assert not _replayed(response), f"{label}: a replay without a key"
+            assert not in_use, f"{label}: 'still running' without a key"
+            return
+        request = _same_request(response.request)
+        stored = self.stored.get(key)
+        assert not in_use, f"{label}: key {key!r} 'still running' with nothing else running"
+        if _replayed(response):
+            assert stored == (request, status, response.content), (
+                f"{label}: key {key!r} replayed {status} {response.content[:200]!r} for {stored}"
+            )
+        elif status == 422:
+            assert stored is not None, f"{label}: 422 for key {key!r} that nothing stored"
+            assert stored[0] != request, f"{label}: 422 for the same request under {key!r}"
+        elif status not in CHECK_REFUSALS and status < 500:
+            assert stored is None, (
+                f"{label}: key {key!r} ran again ({status} {response.content[:200]!r}, "
+                f"{response.request.headers}) after it stored {stored}"
+            )
+            self.stored[key] = (request, status, response.content)
+
+
+def _without_keys(state: dict) -> dict:
+    return {table: rows for table, rows in state.items() if table != "idempotency_keys"}
+
+
+def _stored_keys(state: dict) -> set[tuple[int, str]]:
+    return {(row["user_id"], row["key"]) for row in state["idempotency_keys"]}
+
+
+def _changed_nothing_if_refused(before: dict, response, user, ledger: KeyLedger) -> None:
+    """A 4xx, or a replay, changes nothing; a 4xx of the work is stored under its key alone."""
+    replay = _replayed(response)
+    if not (400 <= response.status_code < 500 or replay):
+        return
+    after = db_state()
+    label = f"{ledger.label}: {response.status_code}"
+    assert _without_keys(after) == _without_keys(before), f"{label} changed data"
+    added = _stored_keys(after) - _stored_keys(before)
+    assert _stored_keys(before) <= _stored_keys(after), f"{label} dropped a stored key"
+    key = None if replay else ledger.key_of(response)
+    allowed = {(user.pk, key)} if key is not None else set()
+    assert added <= allowed, f"{label} stored {added} (allowed: {allowed})"
+
+
+def _target_ticket(case) -> int | None:
+    """The ticket a conditional request names: its path id, or a move's ticket_id."""
+    if case.operation.path in ("/api/tickets/{id}/", "/api/agent/tickets/{id}/release/"):
+        ticket = (case.path_parameters or {}).get("id")
+    elif isinstance(case.body, dict):
+        ticket = case.body.get("ticket_id")
+    else:
+        ticket = None
+    return ticket if isinstance(ticket, int) and not isinstance(ticket, bool) else None
+
+
+def _steer(case, seeded: Seeded, role: str, data, ledger: KeyLedger) -> None:
+    """Sometimes swap generated ids and credentials for ones that exist, preconditions for
+    the targeted ticket's ETags, a key for one the run already stored."""
 
     def sometimes(choices):
         if data.draw(st.booleans(), label="use a seeded value"):
@@ -175,11 +313,34 @@ def _steer(case, seeded: Seeded, role: str, data) -> None:
                 body["username"] = user.username
                 body["password"] = PASSWORD
 
+    names = {parameter.name for parameter in case.operation.headers}
+    headers = dict(case.headers or {})
+    ticket = _target_ticket(case)
+    version = None
+    if ticket is not None and 0 < ticket < 2**63:
+        version = Ticket.objects.filter(pk=ticket).values_list("version", flat=True).first()
+    if version is not None:
+        current, older = f'"{ticket}.{version}"', f'"{ticket}.{version - 1}"'
+        tags = [current, older, "*", f"{older}, {current}", f"W/{current}"]
+        for name in names & {"If-Match", "If-None-Match"}:
+            choice = sometimes(tags)
+            if choice is not None:
+                headers[name] = choice
+    if "Idempotency-Key" in names and ledger.stored:
+        choice = sometimes(sorted(ledger.stored))
+        if choice is not None:
+            headers["Idempotency-Key"] = choice
+    case.headers = headers
+
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.label)
 def test_every_answer_conforms_to_the_schema(operation, role, seeded):
-    auth = {"Authorization": f"Token {seeded.user(role).token}"}
+    user = seeded.user(role)
+    auth = {"Authorization": f"Token {user.token}"}
+    documented = {parameter.name for parameter in operation.headers}
+    ledger = KeyLedger(operation, f"{operation.label} as {role}")
+    sent: set[str] = set()
     modes = {
         mode: operation.as_strategy(generation_mode=mode)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
@@ -198,11 +359,18 @@ def test_every_answer_conforms_to_the_schema(operation, role, seeded):
         mode = data.draw(st.sampled_from(list(modes)), label="generation mode")
         case = data.draw(modes[mode], label="case")
         if mode is GenerationMode.POSITIVE:
-            _steer(case, seeded, role, data)
+            _steer(case, seeded, role, data, ledger)
+        before = db_state()
         response = case.call_and_validate(headers=auth, checks=CHECKS)
         answered.add(response.status_code)
+        sent.update(name for name in SAFE_RETRY_HEADERS if name in response.request.headers)
+        ledger.check(response)
+        _changed_nothing_if_refused(before, response, user, ledger)
 
     fuzz()
-    # Not a vacuous pass: the token was accepted at least once (all-401 would conform too).
+    # Not a vacuous pass: the token was accepted at least once (all-401 would conform too),
+    # and every safe-retry header the operation documents was sent.
     assert answered - {401}, f"{operation.label} as {role}: every answer was 401"
+    missing = documented.intersection(SAFE_RETRY_HEADERS) - sent
+    assert not missing, f"{operation.label} as {role}: never sent {missing}"
     assert_invariants()

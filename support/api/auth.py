@@ -133,10 +133,15 @@ class LogoutAuthentication(TokenAuthentication):
     def authenticate_credentials(self, key):
         try:
             return super().authenticate_credentials(key)
-        except exceptions.AuthenticationFailed:
+        except exceptions.AuthenticationFailed as refused:
             from support.api import idempotency  # (this module is imported by DRF's settings)
 
-            idempotency_key = idempotency.request_key(self._request)
+            try:
+                idempotency_key = idempotency.request_key(self._request)
+            except exceptions.ValidationError:
+                # no logout stored a malformed key: the credentials' 401 comes first, as on
+                # every route (the key's 400 is for a caller the checks let in)
+                raise refused from None
             stored = idempotency_key and idempotency.stored_logout(idempotency_key, key_hash(key))
             if not stored:
                 raise
