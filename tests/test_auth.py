@@ -384,8 +384,9 @@ KEY = {"Idempotency-Key": "one-key"}
 # What a route answers ``guarded`` headers with once the caller may see the ticket: a stale
 # If-Match 412, If-None-Match: * 304 (the matrix's control: the headers do bite).
 PRECONDITIONS = {
-    ("ticket-detail", "GET"): 304,
-    ("ticket-detail", "HEAD"): 304,
+    # a stale If-Match is judged before If-None-Match (RFC 9110 13.2.2), on a read too
+    ("ticket-detail", "GET"): 412,
+    ("ticket-detail", "HEAD"): 412,
     ("ticket-detail", "PUT"): 412,
     ("ticket-detail", "PATCH"): 412,
     ("ticket-detail", "DELETE"): 412,
@@ -454,7 +455,7 @@ async def test_the_right_role_meets_the_preconditions_the_refused_never_do(
     make_client, world, pattern, method
 ):
     """The control of the matrix's ``guarded`` calls: to a caller that may see the ticket, the
-    same headers answer 412 with the ticket's current ETag, or 304, and change nothing."""
+    same headers answer 412 with the ticket's current ETag, and change nothing."""
     user = world.admin if ROUTE_ROLE[pattern.name] == "admin" else world.agent
     ticket = world.open_ticket if pattern.name == "ticket-detail" else world.held_ticket
     before = await run_sync(db_state)
