@@ -3,6 +3,7 @@ database connection, with committed transactions (no test transaction hides a ra
 
 import asyncio
 import threading
+import time
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
@@ -294,3 +295,44 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
     else:
         assert (row["status"], row["assigned_to_id"]) == ("open", None)
     assert_invariants()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a second session's row lock")
+@pytest.mark.parametrize("action", ["move", "fetch"])
+async def test_an_agent_demoted_while_its_request_waits_for_its_row_is_refused(
+    make_client, admin, action
+):
+    """The role is read after the agent's row lock: an admin's transaction that holds the row
+    and takes the agent out of the agents group decides what the waiting request may do."""
+    import psycopg
+
+    from tests.servers import psycopg_conninfo
+
+    agent = await run_sync(create_user, agent=True)
+    await run_sync(create_tickets, admin, 3)
+    held = [t["id"] for t in (await make_client(agent.token).get("/api/agent/tickets/")).json()]
+    if action == "fetch":
+        for ticket in held:  # hand them back: the fetch will have work to take
+            await make_client(agent.token).post(f"/api/agent/tickets/{ticket}/release/")
+    before = await run_sync(lambda: list(Ticket.objects.order_by("pk").values()))
+    with psycopg.connect(psycopg_conninfo("demotion-test")) as admin_tx:
+        admin_tx.execute("SELECT 1 FROM auth_user WHERE id = %s FOR UPDATE", [agent.pk])
+        admin_tx.execute("DELETE FROM auth_user_groups WHERE user_id = %s", [agent.pk])
+        client = make_client(agent.token)
+        if action == "move":
+            request = client.post(
+                "/api/agent/tickets/", json={"ticket_id": held[0], "status": "resolved"}
+            )
+        else:
+            request = client.get("/api/agent/tickets/")
+        task = asyncio.create_task(request)
+        deadline = time.monotonic() + 10
+        while not admin_tx.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, "the request never waited for the agent's row"
+            await asyncio.sleep(0.02)
+        admin_tx.commit()
+        response = await task
+    assert response.status_code == 403, response.text
+    assert await run_sync(lambda: list(Ticket.objects.order_by("pk").values())) == before

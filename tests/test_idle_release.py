@@ -749,14 +749,14 @@ async def test_release_needs_an_agents_token(make_client, admin, agent):
 
 
 @pytest.mark.smoke
-def test_a_release_is_one_transaction_of_eight_statements(admin, agent):
+def test_a_release_is_one_transaction_of_nine_statements(admin, agent):
     [ticket] = give(admin, agent, 1)
     with CaptureQueriesContext(connection) as queries:
         answer = Client().post(
             f"/api/agent/tickets/{ticket}/release/", HTTP_AUTHORIZATION=f"Token {agent.token}"
         )
     assert answer.status_code == 200, answer.content
-    # token; BEGIN, lock the agent, lock the ticket, end its assignment, update it, its event,
-    # COMMIT
+    # token; BEGIN, lock the agent, its role, lock the ticket, end its assignment, update it,
+    # its event, COMMIT
     sql = [q["sql"] for q in queries.captured_queries]
-    assert len(sql) == 8, json.dumps(sql, indent=1)
+    assert len(sql) == 9, json.dumps(sql, indent=1)

@@ -12,7 +12,8 @@ runs alone, and the row locks below are no-ops):
   column of the row, so a read that waited for the lock sees the committed holder).
 - Pool tickets are taken with ``FOR NO KEY UPDATE SKIP LOCKED``: an agent never waits for a
   ticket another agent is taking; it takes the next one.
-- A decision is made only on values read after the locks are held.
+- A decision is made only on values read after the locks are held. A user's role (another
+  table) is read by a statement of its own after the lock (``lock_users``).
 - An agent's poll at the cap takes no lock: it changes nothing, and only a change (which
   locks) can take the agent past the cap.
 - The idle sweep (support.services.idle_release) first tries a transaction-level advisory lock
@@ -47,6 +48,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 
@@ -54,7 +56,7 @@ from support import observability as obs
 from support.models import Ticket
 from support.prepared import Prepared
 from support.services.errors import AgentInactive, NotAnAgent
-from support.services.selectors import ROW_FIELDS, as_rows, is_agent_expr
+from support.services.selectors import ROW_FIELDS, as_rows
 
 User = get_user_model()
 
@@ -72,27 +74,45 @@ class LockedUser:
 
 def _lock_users_query(ids: list[int]) -> QuerySet:
     return (
-        User.objects.select_for_update(no_key=True, of=("self",))
+        User.objects.select_for_update(no_key=True)
         .filter(pk__in=ids)
-        .annotate(is_agent=is_agent_expr())
         .order_by("pk")
-        .values_list("pk", "is_active", "is_agent")
+        .values_list("pk", "is_active")
     )
+
+
+def _agents_query(ids: list[int]) -> QuerySet:
+    return User.groups.through.objects.filter(
+        user_id__in=ids, group__name=settings.SUPPORT_AGENTS_GROUP
+    ).values_list("user_id")
 
 
 # Every agent change locks one user row: compiled once per process.
 _LOCK_ONE_USER = Prepared(lambda pk: _lock_users_query([pk]), pk=int)
+_AGENT_ONE = Prepared(lambda pk: _agents_query([pk]), pk=int)
 
 
 def lock_users(user_ids: Iterable[int | None]) -> dict[int, LockedUser]:
-    """Lock the given users' rows (None ignored), in id order, and read them after the lock."""
+    """Lock the given users' rows (None ignored), in id order, and read them after the lock.
+
+    Two statements: the lock, which reads the locked row as it is after any wait (PostgreSQL
+    reads a row it waited for again), then the role. The role is in another table, which the
+    locking statement would read as of its start, before the wait: an agent demoted by the
+    transaction that held its row would still look like one.
+    """
     ids = sorted({pk for pk in user_ids if pk is not None})
     if not ids:
         return {}
     started = time.perf_counter()
-    rows = _LOCK_ONE_USER.rows(pk=ids[0]) if len(ids) == 1 else list(_lock_users_query(ids))
-    obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
-    return {pk: LockedUser(pk, active, agent) for pk, active, agent in rows}
+    if len(ids) == 1:
+        rows = _LOCK_ONE_USER.rows(pk=ids[0])
+        obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
+        agents = {pk for (pk,) in _AGENT_ONE.rows(pk=ids[0])} if rows else set()
+    else:
+        rows = list(_lock_users_query(ids))
+        obs.AGENT_LOCK_WAIT.observe(time.perf_counter() - started)
+        agents = set(_agents_query(ids).values_list("user_id", flat=True))
+    return {pk: LockedUser(pk, active, pk in agents) for pk, active in rows}
 
 
 def require_active_agent(locked: dict[int, LockedUser], agent_id: int) -> None:
