@@ -91,6 +91,12 @@ class TicketListView(APIView):
         return conditional.ticket_response(row, status.HTTP_201_CREATED)
 
 
+# PUT and PATCH of a ticket: the same answers
+EDIT_ANSWERS = answers(
+    {200: TicketSerializer}, 401, 403, 404, 409, 412, 428, *body_errors(), field_errors=True
+)
+
+
 class TicketDetailView(APIView):
     permission_classes = [IsAdmin]
 
@@ -117,17 +123,7 @@ class TicketDetailView(APIView):
         operation_id="tickets_update",
         parameters=[ID_PATH, IF_MATCH, IF_NONE_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer,
-        responses=answers(
-            {200: TicketSerializer},
-            401,
-            403,
-            404,
-            409,
-            412,
-            428,
-            *body_errors(),
-            field_errors=True,
-        ),
+        responses=EDIT_ANSWERS,
     )
     async def put(self, request, pk):
         return await self.in_thread(self._update, request, pk, partial=False)
@@ -136,17 +132,7 @@ class TicketDetailView(APIView):
         operation_id="tickets_partial_update",
         parameters=[ID_PATH, IF_MATCH, IF_NONE_MATCH, etag_header(200, 412)],
         request=TicketUpdateSerializer(partial=True),
-        responses=answers(
-            {200: TicketSerializer},
-            401,
-            403,
-            404,
-            409,
-            412,
-            428,
-            *body_errors(),
-            field_errors=True,
-        ),
+        responses=EDIT_ANSWERS,
     )
     async def patch(self, request, pk):
         return await self.in_thread(self._update, request, pk, partial=True)
