@@ -25,12 +25,46 @@ LISTS = ("admin-list", "admin-list-open", "admin-search")
 
 def write(data: dict, json_path: Path) -> None:
     """The plot and the markdown next to the JSON (docs/benchmarks.{png,md} for the default)."""
+    data = {**data, "results": median_rounds(data["results"])}
     png, doc = json_path.with_suffix(".png"), json_path.with_suffix(".md")
     plot(data, png)
     text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     doc.write_text(f"{head}{START}\n{tables(data, png.name)}\n{END}{tail}")
+
+
+def median_rounds(results: list[dict]) -> list[dict]:
+    """One row per headline run measured in several rounds (``--rounds``): the round with
+    the median req/s (the lower middle one of an even number), a run as measured, with
+    ``rounds_rps``: every round's req/s. It stands where the first round stood; rows of
+    one round, or of no round, are kept as they are."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r.get("round") is not None:
+            key = (r["scenario"], r["target"], r["concurrency"], r.get("interpreter", "default"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for r in results:
+        if r.get("round") is None:
+            out.append(r)
+            continue
+        group = groups[
+            (r["scenario"], r["target"], r["concurrency"], r.get("interpreter", "default"))
+        ]
+        if len(group) == 1:
+            out.append(r)
+        elif r is group[0]:
+            ranked = sorted(group, key=lambda g: g["rps"])
+            out.append({**ranked[(len(ranked) - 1) // 2], "rounds_rps": [g["rps"] for g in group]})
+    return out
+
+
+def _rounds(r: dict) -> str:
+    """' (min-max)' of the rounds' req/s, when there were several."""
+    if len(spread := r.get("rounds_rps") or []) < 2:
+        return ""
+    return f" ({min(spread):,.0f}-{max(spread):,.0f})"
 
 
 def _find(results, scenario, target, concurrency, first_tickets=True):
@@ -71,8 +105,14 @@ def tables(data: dict, png_name: str) -> str:
         f"({m['cpu']}), {python}, PostgreSQL {s['postgresql']} "
         f"({s['postgresql_settings']}). Service: {s['workers']} uvicorn workers, pool of "
         f"{s['pool_size_per_worker']} connections per worker, LOG_LEVEL={s['log_level']}. "
-        f"{s['duration_s']:g} s per measured run after {s['warmup_s']:g} s of warm-up; "
-        f"{s['agents']} agents, {s['open_tickets']:,} open tickets. "
+        f"{s['duration_s']:g} s per measured run after {s['warmup_s']:g} s of warm-up"
+        + (
+            f", {s['rounds']} rounds (every scenario once per round; each figure from the "
+            "round with the median req/s, the range of all rounds in brackets); "
+            if s.get("rounds", 1) > 1
+            else "; "
+        )
+        + f"{s['agents']} agents, {s['open_tickets']:,} open tickets. "
         f"Whole run: {data['elapsed_s'] // 60} min {data['elapsed_s'] % 60} s.",
         "",
         "### Against the ceilings",
@@ -100,9 +140,10 @@ def tables(data: dict, png_name: str) -> str:
                 against = f"{ratio:.2f} (≥ {target:.2f}) {met}"
                 p99_met = f"{p99:.1f} {'✅' if p99 <= 4 else '❌'}"
             out.append(
-                f"| {scenario} | {c} | {svc['rps']:,.0f} | {svc['p50_ms']:.1f} / "
+                f"| {scenario} | {c} | {svc['rps']:,.0f}{_rounds(svc)} | {svc['p50_ms']:.1f} / "
                 f"{svc['p90_ms']:.1f} / {svc['p99_ms']:.1f} | {svc['non2xx']} | "
-                f"{lim['rps']:,.0f} | {lim['p99_ms']:.1f} | {own['rps']:,.0f} | "
+                f"{lim['rps']:,.0f}{_rounds(lim)} | {lim['p99_ms']:.1f} | "
+                f"{own['rps']:,.0f}{_rounds(own)} | "
                 f"{against} | {svc['rps'] / own['rps']:.2f} | {p99_met} | "
                 f"{svc['pg_sessions_peak']} | {svc['app_cpu_ms_per_request']:.2f} | "
                 f"{_threads(svc)} |"
@@ -207,16 +248,17 @@ def _retry_tables(data: dict, results: list[dict]) -> list[str]:
             own = _first(creates, scenario, "own-sql", c)
             cpu, replayed = svc["app_cpu_ms_per_request"], svc.get("replayed")
             out.append(
-                f"| {scenario} | {c} | {statements.get(scenario, '-')} | {svc['rps']:,.0f} | "
+                f"| {scenario} | {c} | {statements.get(scenario, '-')} | "
+                f"{svc['rps']:,.0f}{_rounds(svc)} | "
                 f"{per(svc, base['service'], 'rps')} | {svc['p50_ms']:.1f} / "
                 f"{svc['p90_ms']:.1f} / {svc['p99_ms']:.1f} | "
                 f"{per(svc, base['service'], 'p99_ms')} | "
                 f"{'-' if cpu is None else format(cpu, '.2f')} | "
                 f"{per(svc, base['service'], 'app_cpu_ms_per_request')} | "
                 f"{'-' if replayed is None else format(replayed, ',')} | "
-                f"{format(lim['rps'], ',.0f') if lim else '-'} | "
+                f"{format(lim['rps'], ',.0f') + _rounds(lim) if lim else '-'} | "
                 f"{per(lim, base['limit'], 'rps')} | "
-                f"{format(own['rps'], ',.0f') if own else '-'} | "
+                f"{format(own['rps'], ',.0f') + _rounds(own) if own else '-'} | "
                 f"{per(own, base['own-sql'], 'rps')} |"
             )
     return out

@@ -120,6 +120,7 @@ class Result:
     grown_to: int = 0  # the history's size (--scale) when measured; 0: the seeded table
     # answers marked Idempotent-Replayed (the create scenarios' wrk runs; None: not counted)
     replayed: int | None = None
+    round: int | None = None  # which of the --rounds of the headline runs; None: another run
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -479,6 +480,7 @@ class Bench:
         self.search_matches: list[dict] = []
         self.statements: dict[str, int] = {}
         self.grown_to = 0
+        self.round: int | None = None  # of the headline runs (--rounds); None: other runs
 
     def measure(self, scenario, target, concurrency, runner, server, python="default") -> Result:
         db, users = self.db, self.users
@@ -512,6 +514,7 @@ class Bench:
             interpreter=python,
             threads_peak=[sampler.threads[pid] for pid in workers] or None,
             grown_to=self.grown_to,
+            round=self.round,
             **figures,
         )
         self.results.append(result)
@@ -523,6 +526,11 @@ class Bench:
             + (f"  threads {result.threads_peak}" if result.threads_peak else "")
             + (f"  replayed {result.replayed}" if result.replayed is not None else "")
             + (f"  [{python}]" if python != "default" else "")
+            + (
+                f"  round {self.round + 1}"
+                if self.round is not None and self.args.rounds > 1
+                else ""
+            )
         )
         return result
 
@@ -678,11 +686,15 @@ class Bench:
         with run_uvicorn(workers=args.workers, env=env) as server:
             top_up_agents(server, self.users, agents)
             self.floors(server, sys.executable, "default")
-            for scenario in args.scenarios:
-                for concurrency in args.concurrency:
-                    self.service(server, scenario, concurrency)
-                    self.ceiling(server, scenario, concurrency, "limit")
-                    self.ceiling(server, scenario, concurrency, "own-sql")
+            # each round measures every scenario once, so that a spell of load from outside
+            # (a machine shared with other work) falls on all of them, not on one
+            for self.round in range(args.rounds):
+                for scenario in args.scenarios:
+                    for concurrency in args.concurrency:
+                        self.service(server, scenario, concurrency)
+                        self.ceiling(server, scenario, concurrency, "limit")
+                        self.ceiling(server, scenario, concurrency, "own-sql")
+            self.round = None
             for scenario in ("poll", "churn"):
                 if scenario not in args.scenarios:
                     continue
@@ -733,6 +745,7 @@ class Bench:
                 "log_level": self.args.log_level,
                 "floors": self.args.floors,
                 "list_concurrency": self.args.list_concurrency,
+                "rounds": self.args.rounds,
             },
             "elapsed_s": round(self.elapsed),
             "interpreters": self.interpreters,
@@ -787,6 +800,13 @@ def parse_args(argv=None):
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--open-tickets", type=int, default=20_000)
     parser.add_argument("--concurrency", type=ints, default=[16, 64])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the scenarios (each against both ceilings) this many times, one round "
+        "after the other; the report shows the round with the median req/s",
+    )
     parser.add_argument("--sweep", type=ints, default=None, help="default 1,4,16,64,256")
     parser.add_argument("--scale", type=ints, default=None, help="default 200000,1000000")
     parser.add_argument(
@@ -829,6 +849,8 @@ def parse_args(argv=None):
         help="a smoke run: 2 s per run, no warm-up, no sweep, no scale (unless given)",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     if unknown := set(args.floors) - set(FLOORS):
         parser.error(f"unknown floors: {', '.join(sorted(unknown))}")
     if unknown := set(args.scenarios) - set(SCENARIOS) - {"floor"}:

@@ -109,3 +109,38 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert "### Lists at scale" in report
     assert all(f"| {s} | 4 | " in report for s in LISTS)
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_a_run_measured_in_rounds_is_reported_by_its_median_round():
+    """--rounds: each headline run is reported by the round with the median req/s (a run
+    as measured, in the first round's place) and the range of all rounds; the runs outside
+    the rounds (lists at scale, another interpreter's) are kept as they are."""
+    from bench import report
+
+    def row(scenario, rps, round_, **more):
+        return {"scenario": scenario, "target": "service", "concurrency": 16, "rps": rps,
+                "p99_ms": rps / 10, "round": round_, **more}  # fmt: skip
+
+    results = [
+        row("admin-create", 300, 0),
+        row("admin-create-keyed", 100, 0),
+        row("admin-create", 100, 1),
+        row("admin-create-keyed", 150, 1),
+        row("admin-create", 200, 2),
+        row("admin-create-keyed", 120, 2),
+        row("admin-create", 999, None),  # not a round: e.g. a list at scale
+        row("admin-create", 50, 0, interpreter="/usr/bin/python3.11"),
+    ]
+    reduced = report.median_rounds(results)
+    assert [(r["scenario"], r["rps"], r.get("rounds_rps")) for r in reduced] == [
+        ("admin-create", 200, [300, 100, 200]),
+        ("admin-create-keyed", 120, [100, 150, 120]),
+        ("admin-create", 999, None),
+        ("admin-create", 50, None),
+    ]
+    assert reduced[0]["p99_ms"] == 20  # the median round's own figures, not a blend
+    assert report._rounds(reduced[0]) == " (100-300)"
+    assert report._rounds(reduced[2]) == ""
+    # an even number of rounds: the lower middle one, a run as measured
+    two = report.median_rounds([row("poll", 10, 0), row("poll", 30, 1)])
+    assert [(r["rps"], r["rounds_rps"]) for r in two] == [(10, [10, 30])]
