@@ -12,7 +12,15 @@ the pool's per-checkout liveness check (an empty query) is replayed as ``SELECT 
 ids of the tickets the capture agent holds stay as captured where they are a list (the
 same number of primary-key probes).
 
-Prints one JSON object: {scenario: script text}.
+The keyed create (``Idempotency-Key``, support.api.idempotency) is captured with a fresh
+key and once more with the same key and body (the replay). In their scripts the key becomes
+:data:`KEY_SQL`, a key of its own per client and per ``:key_no`` (the keyed script counts it
+up: a fresh key per transaction; the replay's stays 0: the client's one key, which its
+first transaction stores), and the key's advisory lock takes the hash of that key.
+
+Prints one JSON object: {"scripts": {scenario: script text}, "statements": {scenario: the
+number of statements one request sends, the token check included, the pool's liveness check
+not}}.
 """
 
 import json
@@ -27,6 +35,18 @@ CAPTURE_AGENT = 900_001
 CAPTURE_ADMIN = 900_002
 TICKETS = range(900_000_001, 900_000_016)  # the 15 the capture agent holds
 PICKED = 900_000_016  # the one its churn fetch takes
+CAPTURE_KEY = "capture-idempotency-key"
+CREATE_BODY = {
+    "title": "Printer on floor 1 is jammed",
+    "description": "Reported by phone.",
+    "priority": "normal",
+}
+# A key per client and per :key_no, new in each run of pgbench (the harness sets :run): the
+# limit scripts (bench/sql/keyed_create.sql) build theirs the same way.
+KEY_SQL = (
+    "format('bench-%s-%s-%s', CAST(:run AS bigint), CAST(:client_id AS int),"
+    " CAST(:key_no AS bigint))"
+)
 
 
 def main() -> None:
@@ -38,8 +58,14 @@ def main() -> None:
     client = Client()
     _seed()
 
-    def run(method: str, path: str, user: int, body: dict | None = None) -> tuple[list, dict]:
+    replays: list[bool] = []  # per request: answered from a stored answer
+
+    def run(
+        method: str, path: str, user: int, body: dict | None = None, key: str | None = None
+    ) -> tuple[list, dict]:
         headers = {"HTTP_AUTHORIZATION": f"Token {user:040d}"}
+        if key is not None:
+            headers["HTTP_IDEMPOTENCY_KEY"] = key
         from django.db import connection
 
         with CaptureQueriesContext(connection) as ctx:
@@ -49,6 +75,7 @@ def main() -> None:
                 response = client.post(path, body, content_type="application/json", **headers)
         if response.status_code >= 300:
             sys.exit(f"capture: {method} {path} answered {response.status_code}: {response.text}")
+        replays.append(response.headers.get("Idempotent-Replayed") == "true")
         return [q["sql"] for q in ctx.captured_queries], response.json()
 
     poll, held = run("GET", "/api/agent/tickets/", CAPTURE_AGENT)
@@ -63,16 +90,11 @@ def main() -> None:
     fetch, after = run("GET", "/api/agent/tickets/", CAPTURE_AGENT)
     assert PICKED in {row["id"] for row in after}, after
     admin_list, _ = run("GET", "/api/tickets/?page_size=20", CAPTURE_ADMIN)
-    admin_create, created = run(
-        "POST",
-        "/api/tickets/",
-        CAPTURE_ADMIN,
-        {
-            "title": "Printer on floor 1 is jammed",
-            "description": "Reported by phone.",
-            "priority": "normal",
-        },
-    )
+    admin_create, created = run("POST", "/api/tickets/", CAPTURE_ADMIN, CREATE_BODY)
+    keyed, keyed_created = run("POST", "/api/tickets/", CAPTURE_ADMIN, CREATE_BODY, CAPTURE_KEY)
+    replay, replayed = run("POST", "/api/tickets/", CAPTURE_ADMIN, CREATE_BODY, CAPTURE_KEY)
+    if replays[-3:] != [False, False, True] or replayed != keyed_created:
+        sys.exit(f"capture: the keyed create was not replayed: {replays} {replayed}")
 
     agent = {CAPTURE_AGENT: ":agent_id", moved: ":ticket_id", PICKED: ":p_id"}
     scripts = {
@@ -96,7 +118,42 @@ def main() -> None:
             admin_create, {CAPTURE_ADMIN: ":admin_id", created["id"]: ":c_id"}, "admin_id"
         ),
     }
-    print(json.dumps(scripts))
+    admin = {CAPTURE_ADMIN: ":admin_id", keyed_created["id"]: ":c_id"}
+    keyed_script = _script(_keyed(keyed), admin, "admin_id")
+    scripts["admin-create-keyed"] = "\\set key_no :key_no + 1\n" + keyed_script
+    scripts["admin-create-replay"] = "\n".join(
+        [
+            "\\if :phase = 0",  # the client's first request stores its key's answer
+            keyed_script,
+            "\\set phase 1",
+            "\\else",
+            _script(_keyed(replay), admin, "admin_id"),
+            "\\endif",
+        ]
+    )
+    captured = {  # churn mixes three kinds of request: tests/test_hot_paths.py counts each
+        "poll": poll,
+        "admin-list": admin_list,
+        "admin-create": admin_create,
+        "admin-create-keyed": keyed,
+        "admin-create-replay": replay,
+    }
+    statements = {name: len(sql) for name, sql in captured.items()}
+    print(json.dumps({"scripts": scripts, "statements": statements}))
+
+
+def _keyed(statements: list[str]) -> list[str]:
+    """A keyed request's statements with the captured key made :data:`KEY_SQL`, and the key's
+    advisory lock taken on that key's hash."""
+    out = []
+    for sql in statements:
+        if sql.startswith("SELECT pg_try_advisory_xact_lock("):
+            # two 32-bit keys, as support.api.idempotency takes it: the user, the key's hash
+            sql = f"SELECT pg_try_advisory_xact_lock(CAST(:admin_id AS int), hashtext({KEY_SQL}))"
+        elif f"'{CAPTURE_KEY}'" in sql:
+            sql = sql.replace(f"'{CAPTURE_KEY}'", KEY_SQL)
+        out.append(sql)
+    return out
 
 
 def _seed() -> None:
@@ -106,7 +163,7 @@ def _seed() -> None:
     from django.utils import timezone
 
     from support import services
-    from support.models import ApiToken, Ticket, TicketAssignment
+    from support.models import ApiToken, IdempotencyKey, Ticket, TicketAssignment
     from support.tokens import key_hash
 
     User = get_user_model()
@@ -123,6 +180,7 @@ def _seed() -> None:
                 defaults={"user_id": user, "expires_at": now + timedelta(days=7)},
             )
         TicketAssignment.objects.filter(agent_id=CAPTURE_AGENT).delete()
+        IdempotencyKey.objects.filter(user_id=CAPTURE_ADMIN).delete()
         Ticket.objects.filter(id__gte=TICKETS[0]).delete()
         Ticket.objects.bulk_create(
             Ticket(
@@ -159,10 +217,12 @@ def _script(statements: list[str], names: dict[int, str], user_var: str, carry=F
     """pgbench lines for one request's statements."""
     lines = ["SELECT 1;  -- the pool's liveness check on checkout"]
     for sql in statements:
-        sql = _HASH.sub(
-            f"encode(sha256(convert_to(lpad(CAST(:{user_var} AS text), 40, '0'), 'UTF8')), 'hex')",
-            sql,
-        )
+        if "support_apitoken" in sql:  # the token check (a keyed request's row has a hash too)
+            sql = _HASH.sub(
+                f"encode(sha256(convert_to(lpad(CAST(:{user_var} AS text), 40, '0'), 'UTF8')),"
+                " 'hex')",
+                sql,
+            )
         sql = _outside_quotes(sql, names)
         end = ";"
         if "SKIP LOCKED" in sql:
@@ -190,11 +250,17 @@ def _held(sql: str) -> bool:
 
 def _outside_quotes(sql: str, names: dict[int, str]) -> str:
     """Replace whole numbers in ``names`` with pgbench variables, outside string literals
-    (a number inside a JSON literal stays as captured: pgbench does not substitute there)."""
+    (a number inside a JSON literal stays as captured: the literal is replayed as it was).
+
+    pgbench takes every ``:name`` for a variable, in a literal too (a stored answer's
+    ``"assigned_to":null``): there a space goes after the colon (the same JSON, one byte
+    longer), or the prepared statement gets more parameters than it uses."""
     parts = sql.split("'")
     for i in range(0, len(parts), 2):  # even parts are outside quotes
         for number, var in names.items():
             parts[i] = re.sub(rf"(?<![\w.]){number}(?![\w.])", f"CAST({var} AS bigint)", parts[i])
+    for i in range(1, len(parts), 2):
+        parts[i] = re.sub(r":(?=[A-Za-z_])", ": ", parts[i])
     return "'".join(parts)
 
 

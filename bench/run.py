@@ -7,6 +7,7 @@ the service again on another interpreter (``--python``), and the report (JSON, m
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,7 +33,14 @@ from tests.servers import Server, children, run_uvicorn  # noqa: E402
 BENCH = ROOT / "bench"
 DB = "bench"
 APP_NAME = "support-tickets"
-SCENARIOS = ("poll", "churn", "admin-list", "admin-create")
+SCENARIOS = (
+    "poll",
+    "churn",
+    "admin-list",
+    "admin-create",
+    "admin-create-keyed",
+    "admin-create-replay",
+)
 # The floors (bench/floors.py) and their scenario names; "service" is /bench/floor/ on the
 # service itself.
 FLOORS = {
@@ -55,8 +63,16 @@ LUA = {
     "admin-list-open": "admin_list",
     "admin-search": "admin_list",
     "admin-create": "admin_create",
+    "admin-create-keyed": "admin_create",
+    "admin-create-replay": "admin_create",
     **{scenario: "floor" for scenario in FLOORS.values()},
 }
+# The Idempotency-Key each create sends (admin_create.lua): none, a new one per request, or
+# one per connection with the same body every time (a retry, answered from the stored answer).
+KEYS = {"admin-create": "", "admin-create-keyed": "fresh", "admin-create-replay": "repeat"}
+# A number per run of wrk or pgbench, part of every Idempotency-Key it sends: keys never
+# repeat from one run to the next (the database lives as long as this process).
+RUN_IDS = itertools.count(1)
 # Seeded tickets' text: a few words from a fixed vocabulary, chosen by the row's number, so
 # that titles and descriptions vary and a search can be selective (see _ticket_text).
 SUBJECTS = [
@@ -102,6 +118,9 @@ class Result:
     interpreter: str = "default"  # or the --python path the service ran on
     threads_peak: list[int] | None = None  # the most threads seen in each uvicorn worker
     grown_to: int = 0  # the history's size (--scale) when measured; 0: the seeded table
+    # answers marked Idempotent-Replayed (the create scenarios' wrk runs; None: not counted)
+    replayed: int | None = None
+    round: int | None = None  # which of the --rounds of the headline runs; None: another run
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -334,6 +353,8 @@ def process_cpu(pids: list[int]) -> float:
 def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: dict) -> dict:
     if scenario in LISTS:
         env = {**env, "BENCH_QUERY": LISTS[scenario]}
+    if scenario in KEYS:
+        env = {**env, "BENCH_KEYS": KEYS[scenario], "BENCH_RUN": str(next(RUN_IDS))}
     command = [
         "wrk",
         "-t",
@@ -358,6 +379,7 @@ def wrk(server: Server, scenario: str, concurrency: int, duration: float, env: d
         "p90_ms": figures["p90_us"] / 1000,
         "p99_ms": figures["p99_us"] / 1000,
         "non2xx": figures["non2xx"] + figures["socket_errors"],
+        **({"replayed": figures["replayed"]} if "replayed" in figures else {}),
     }
 
 
@@ -386,6 +408,10 @@ def pgbench(db: Database, script: str, concurrency: int, duration: float, users:
             "id=0",
             "-D",
             "ticket_id=0",
+            "-D",
+            "key_no=0",  # the keyed creates' key number (bench/sql/keyed_create.sql)
+            "-D",
+            f"run={next(RUN_IDS)}",
             "-l",
             "--log-prefix",
             f"{tmp}/log",
@@ -452,7 +478,9 @@ class Bench:
         self.profiles: dict[str, dict] = {}
         self.interpreters: dict[str, dict] = {}
         self.search_matches: list[dict] = []
+        self.statements: dict[str, int] = {}
         self.grown_to = 0
+        self.round: int | None = None  # of the headline runs (--rounds); None: other runs
 
     def measure(self, scenario, target, concurrency, runner, server, python="default") -> Result:
         db, users = self.db, self.users
@@ -461,7 +489,9 @@ class Bench:
             top_up_agents(server, users, max(concurrency, self.args.agents))
         # every run starts from tables autovacuum has just caught up with, so that a vacuum
         # running in the middle of one run and not of the other does not decide a ratio
-        db.execute("VACUUM ANALYZE support_ticket, support_ticketassignment")
+        db.execute(
+            "VACUUM ANALYZE support_ticket, support_ticketassignment, support_idempotency_key"
+        )
         tickets = db.scalar("SELECT count(*) FROM support_ticket")
         # the uvicorn processes: the supervisor and all it started
         served = target in ("service", "floor")
@@ -484,6 +514,7 @@ class Bench:
             interpreter=python,
             threads_peak=[sampler.threads[pid] for pid in workers] or None,
             grown_to=self.grown_to,
+            round=self.round,
             **figures,
         )
         self.results.append(result)
@@ -493,7 +524,13 @@ class Bench:
             f"  non-2xx {result.non2xx}  pg sessions {result.pg_sessions_peak}"
             + (f"  app cpu {app_cpu:.2f} ms/req" if app_cpu is not None else "")
             + (f"  threads {result.threads_peak}" if result.threads_peak else "")
+            + (f"  replayed {result.replayed}" if result.replayed is not None else "")
             + (f"  [{python}]" if python != "default" else "")
+            + (
+                f"  round {self.round + 1}"
+                if self.round is not None and self.args.rounds > 1
+                else ""
+            )
         )
         return result
 
@@ -636,21 +673,28 @@ class Bench:
         refill_pool(self.db, self.users, args.open_tickets)
         self.db.execute("VACUUM ANALYZE")
         log(f"seeded {agents} agents, {args.open_tickets} open tickets")
-        self.own = json.loads(run([sys.executable, "-m", "bench.capture"], env=env, capture=True))
+        captured = json.loads(run([sys.executable, "-m", "bench.capture"], env=env, capture=True))
+        self.statements = captured["statements"]
+        log(f"statements per request: {self.statements}")
         self.limit = {
-            name: expand((BENCH / "sql" / f"{LUA[name]}.sql").read_text()) for name in SCENARIOS
+            name: expand((BENCH / "sql" / f"{name.replace('-', '_')}.sql").read_text())
+            for name in SCENARIOS
         }
-        self.own = {k: expand(v) for k, v in self.own.items()}
+        self.own = {k: expand(v) for k, v in captured["scripts"].items()}
         self.pg_version = self.db.scalar("SHOW server_version")
 
         with run_uvicorn(workers=args.workers, env=env) as server:
             top_up_agents(server, self.users, agents)
             self.floors(server, sys.executable, "default")
-            for scenario in args.scenarios:
-                for concurrency in args.concurrency:
-                    self.service(server, scenario, concurrency)
-                    self.ceiling(server, scenario, concurrency, "limit")
-                    self.ceiling(server, scenario, concurrency, "own-sql")
+            # each round measures every scenario once, so that a spell of load from outside
+            # (a machine shared with other work) falls on all of them, not on one
+            for self.round in range(args.rounds):
+                for scenario in args.scenarios:
+                    for concurrency in args.concurrency:
+                        self.service(server, scenario, concurrency)
+                        self.ceiling(server, scenario, concurrency, "limit")
+                        self.ceiling(server, scenario, concurrency, "own-sql")
+            self.round = None
             for scenario in ("poll", "churn"):
                 if scenario not in args.scenarios:
                     continue
@@ -701,10 +745,12 @@ class Bench:
                 "log_level": self.args.log_level,
                 "floors": self.args.floors,
                 "list_concurrency": self.args.list_concurrency,
+                "rounds": self.args.rounds,
             },
             "elapsed_s": round(self.elapsed),
             "interpreters": self.interpreters,
             "search": {"term": SEARCH_TERM, "matches": self.search_matches},
+            "statements": self.statements,
             "results": [asdict(r) for r in self.results],
             "profiles": self.profiles,
         }
@@ -754,6 +800,13 @@ def parse_args(argv=None):
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--open-tickets", type=int, default=20_000)
     parser.add_argument("--concurrency", type=ints, default=[16, 64])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the scenarios (each against both ceilings) this many times, one round "
+        "after the other; the report shows the round with the median req/s",
+    )
     parser.add_argument("--sweep", type=ints, default=None, help="default 1,4,16,64,256")
     parser.add_argument("--scale", type=ints, default=None, help="default 200000,1000000")
     parser.add_argument(
@@ -796,6 +849,8 @@ def parse_args(argv=None):
         help="a smoke run: 2 s per run, no warm-up, no sweep, no scale (unless given)",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     if unknown := set(args.floors) - set(FLOORS):
         parser.error(f"unknown floors: {', '.join(sorted(unknown))}")
     if unknown := set(args.scenarios) - set(SCENARIOS) - {"floor"}:

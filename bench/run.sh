@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark (bench/README.md): installs what it needs, then runs bench/run.py.
-#   bash bench/run.sh            # the full run (about 18 minutes), writes docs/benchmarks.*
+#   bash bench/run.sh            # the full run (about 25 minutes), writes docs/benchmarks.*
 #   bash bench/run.sh --quick    # a smoke run: 2 s per scenario, no sweep, no scale
 #   bash bench/run.sh --python /usr/bin/python3.11   # the service on that interpreter too
 set -euo pipefail

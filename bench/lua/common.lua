@@ -4,6 +4,7 @@
 local M = {}
 
 local threads = {}
+M.threads = threads  -- each thread's Lua state, for a script's own done()
 local next_slot = 0
 
 function M.setup(thread)
@@ -26,14 +27,19 @@ function M.auth(user_id)
   return "Token " .. string.format("%040d", user_id)
 end
 
-function M.done(summary, latency, requests)
+-- ``extra``: more whole-number figures of the script's own, e.g. {replayed = 12}.
+function M.done(summary, latency, requests, extra)
   local e = summary.errors
+  local more = ""
+  for name, value in pairs(extra or {}) do
+    more = more .. string.format(', "%s": %d', name, value)
+  end
   io.write(string.format(
     '{"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, ' ..
-    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d}\n',
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, "max_us": %d%s}\n',
     summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.mean, latency.max))
+    latency.mean, latency.max, more))
 end
 
 return M

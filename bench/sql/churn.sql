@@ -6,7 +6,7 @@ BEGIN;
 SELECT 1 FROM auth_user WHERE id = CAST(:agent_id AS int) FOR NO KEY UPDATE;
 WITH held AS (
     SELECT id, title, description, status, priority, created_by_id, created_at, updated_at,
-           assigned_to_id, assigned_at
+           assigned_to_id, assigned_at, version
     FROM support_ticket
     WHERE assigned_to_id = CAST(:agent_id AS int) AND status = 'assigned'),
 pick AS (
@@ -17,10 +17,10 @@ pick AS (
 taken AS (
     UPDATE support_ticket t
     SET status = 'assigned', assigned_to_id = CAST(:agent_id AS int), assigned_at = now(),
-        updated_at = now()
+        updated_at = now(), version = version + 1
     WHERE t.id = ANY (ARRAY(SELECT id FROM pick))
     RETURNING t.id, t.title, t.description, t.status, t.priority, t.created_by_id,
-              t.created_at, t.updated_at, t.assigned_to_id, t.assigned_at),
+              t.created_at, t.updated_at, t.assigned_to_id, t.assigned_at, t.version),
 assigned AS (
     INSERT INTO support_ticketassignment (ticket_id, agent_id, assigned_at, is_active)
     SELECT id, assigned_to_id, assigned_at, true FROM taken),
@@ -38,11 +38,11 @@ COMMIT;
 \set phase 1
 \elif :phase = 1
 WITH moved AS (
-    UPDATE support_ticket SET status = 'resolved', updated_at = now()
+    UPDATE support_ticket SET status = 'resolved', updated_at = now(), version = version + 1
     WHERE id = CAST(:id AS bigint) AND status = 'assigned'
       AND assigned_to_id = CAST(:agent_id AS int)
     RETURNING id, title, description, status, priority, created_by_id, created_at,
-              updated_at, assigned_to_id, assigned_at),
+              updated_at, assigned_to_id, assigned_at, version),
 logged AS (
     INSERT INTO support_ticketevent
         (ticket_id, at, actor_id, kind, from_status, to_status, agent_id, changes)
@@ -53,11 +53,11 @@ SELECT * FROM moved;
 \set phase 2
 \else
 WITH moved AS (
-    UPDATE support_ticket SET status = 'closed', updated_at = now()
+    UPDATE support_ticket SET status = 'closed', updated_at = now(), version = version + 1
     WHERE id = CAST(:id AS bigint) AND status = 'resolved'
       AND assigned_to_id = CAST(:agent_id AS int)
     RETURNING id, title, description, status, priority, created_by_id, created_at,
-              updated_at, assigned_to_id, assigned_at),
+              updated_at, assigned_to_id, assigned_at, version),
 logged AS (
     INSERT INTO support_ticketevent
         (ticket_id, at, actor_id, kind, from_status, to_status, agent_id, changes)
