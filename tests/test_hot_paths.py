@@ -29,10 +29,12 @@ from tests.conftest import create_held, create_tickets, create_user
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _call(client: Client, user, method: str, path: str, body=None) -> tuple[int, list[str]]:
+def _call(
+    client: Client, user, method: str, path: str, body=None, **extra
+) -> tuple[int, list[str]]:
     """One request through Django's test client (every statement of it runs in this thread,
     so the capture sees them all): the status and the statements sent."""
-    headers = {"HTTP_AUTHORIZATION": f"Token {user.token}"}
+    headers = {"HTTP_AUTHORIZATION": f"Token {user.token}", **extra}
     with CaptureQueriesContext(connection) as ctx:
         if method == "GET":
             response = client.get(path, **headers)
@@ -79,6 +81,14 @@ def test_statements_per_request_of_the_hot_endpoints():
     new = {"title": "Printer jammed", "priority": "high"}
     status, sql = _call(client, admin, "POST", "/api/tickets/", new)
     assert (status, len(sql)) == (201, 5), sql
+    # with an Idempotency-Key: token; BEGIN, try the key's lock, read the key, SAVEPOINT, the
+    # ticket, its event, RELEASE, the key with its answer, COMMIT (docs/retries.md)
+    key = {"HTTP_IDEMPOTENCY_KEY": "hot-path"}
+    status, sql = _call(client, admin, "POST", "/api/tickets/", new, **key)
+    assert (status, len(sql)) == (201, 10 if connection.vendor == "postgresql" else 9), sql
+    # its retry: token; BEGIN, the lock, the key, COMMIT
+    status, sql = _call(client, admin, "POST", "/api/tickets/", new, **key)
+    assert (status, len(sql)) == (201, 5 if connection.vendor == "postgresql" else 4), sql
 
 
 @pytest.mark.smoke
