@@ -106,18 +106,18 @@ def test_unreachable_database_answers_503_within_the_pool_timeout(tmp_path):
 @pytest.mark.django_db(transaction=True)
 def test_top_up_poll_and_transition_query_counts(django_assert_num_queries, admin, agent):
     create_tickets(admin, 40)
-    # BEGIN, lock the agent row, read what it holds (nothing), pick from the pool, give them
-    # to the agent, record the assignments, record the events, COMMIT
-    with django_assert_num_queries(8):
+    # BEGIN, lock the agent row, its role (read after the lock), read what it holds (nothing),
+    # pick from the pool, give them to the agent, record the assignments, the events, COMMIT
+    with django_assert_num_queries(9):
         rows = services.tickets_top_up(agent_id=agent.pk)
     assert len(rows) == 15
-    # a poll with nothing to take: BEGIN, lock, what it holds, COMMIT (the API answers an
+    # a poll with nothing to take: BEGIN, lock, role, what it holds, COMMIT (the API answers an
     # agent at the cap without the transaction: tests/test_hot_paths.py)
-    with django_assert_num_queries(4):
+    with django_assert_num_queries(5):
         assert services.tickets_top_up(agent_id=agent.pk) == rows
-    # BEGIN, lock the agent row, lock the ticket (its holder is on the row), update it,
-    # record, COMMIT
-    with django_assert_num_queries(6):
+    # BEGIN, lock the agent row, its role, lock the ticket (its holder is on the row), update
+    # it, record, COMMIT
+    with django_assert_num_queries(7):
         services.ticket_transition_by_agent(
             agent_id=agent.pk, ticket_id=rows[0]["id"], to_status="resolved"
         )
