@@ -221,16 +221,22 @@ class Pool:
             log.info("listening for tickets entering the pool")
             # What entered while nobody listened (the first start included).
             await self._found(await _open_count(conn))
+            checked = self.loop.time()
             while True:
-                quiet = settings.SUPPORT_WAIT_POLL_SECONDS if self.waiting else KEEPALIVE
-                async for notify in conn.notifies(timeout=quiet):
+                # Every interval, whoever waits: a waiter that falls asleep during a spell
+                # must not wait for the spell's end (it used to be KEEPALIVE long when nobody
+                # slept at its start, and a wake spent on a locked ticket went unanswered).
+                async for notify in conn.notifies(timeout=settings.SUPPORT_WAIT_POLL_SECONDS):
                     self.wake(int(notify.payload.split()[0]))
                 # A quiet spell. With waiters asleep, a look at the pool: a wake can be spent
                 # without a ticket taken (a ticket locked by someone else just then, an agent
-                # waiting twice) and no later notification may come. Either way the look
-                # also checks that the connection is still there.
+                # waiting twice) and no later notification may come. The look also checks
+                # that the connection is still there, as one does every KEEPALIVE without.
+                if not self.waiting and self.loop.time() - checked < KEEPALIVE:
+                    continue
                 async with asyncio.timeout(settings.DB_CONNECT_TIMEOUT):
                     found = await _open_count(conn)
+                checked = self.loop.time()
                 if self.waiting:
                     await self._found(found)
 

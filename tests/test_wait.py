@@ -431,3 +431,28 @@ def test_a_stopping_worker_answers_its_waiters_at_once(agent):
         assert r.json() == []
         assert answered_in < 5
         server.proc.wait(timeout=15)
+
+
+async def test_a_waiter_that_falls_asleep_during_a_quiet_spell_gets_the_next_look(
+    agent_client, admin, monkeypatch
+):
+    """The listener began its quiet spell with nobody asleep (here: nobody waiting yet; in the
+    run that found it, its first look had woken the waiter while it looked); the waiter then
+    sleeps on a ticket locked elsewhere, and no notification follows the unlocking. The next
+    look comes an interval later, not after the keep-alive's long silence."""
+    monkeypatch.setattr(live, "KEEPALIVE", 120.0)
+    (ticket,) = await run_sync(create_tickets, admin, 1)
+    with override_settings(SUPPORT_WAIT_POLL_SECONDS=0.3):
+        pool = live.pool()
+        pool.start()
+        await until(lambda: pool.listening)
+        await asyncio.sleep(0.2)  # its first look done: in a quiet spell, nobody waiting
+        with psycopg.connect(psycopg_conninfo("test-locker")) as locker:
+            _lock_open_tickets(locker)
+            fetch = asyncio.create_task(timed_get(agent_client, "/api/agent/tickets/?wait=10"))
+            await waiting(1)
+            await asyncio.sleep(0.5)
+            assert not fetch.done()
+        r, took = await fetch
+    assert [t["id"] for t in r.json()] == [ticket.pk]
+    assert took < 5
