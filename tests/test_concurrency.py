@@ -297,7 +297,6 @@ def test_admin_edit_waiting_on_a_top_up_sees_the_new_holder(admin, agent, change
     assert_invariants()
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a second session's row lock")
 @pytest.mark.parametrize("action", ["move", "fetch"])
 async def test_an_agent_demoted_while_its_request_waits_for_its_row_is_refused(
     make_client, admin, action

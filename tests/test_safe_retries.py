@@ -30,9 +30,6 @@ from tests.servers import psycopg_conninfo, run_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-postgresql_only = pytest.mark.skipif(
-    connection.vendor != "postgresql", reason="a second session's row lock: PostgreSQL"
-)
 
 
 def keyed(key: str, **headers) -> dict:
@@ -236,7 +233,6 @@ async def test_an_expired_key_is_a_new_request_and_the_purge_removes_only_expire
     assert [k async for k in IdempotencyKey.objects.values_list("key", flat=True)] == ["live"]
 
 
-@postgresql_only
 async def test_the_purge_never_waits_for_a_key_in_use(admin_client):
     for n in range(3):
         await admin_client.post("/api/tickets/", json={"title": f"p{n}"}, headers=keyed(f"p{n}"))
@@ -250,7 +246,6 @@ async def test_the_purge_never_waits_for_a_key_in_use(admin_client):
 
 
 # --- Idempotency-Key under concurrency ------------------------------------------------------
-@postgresql_only
 async def test_a_repeat_while_the_first_still_runs_is_409_with_retry_after(make_client):
     """The first request is held at its commit (its foreign-key check waits for a lock on the
     admin's row held by another session); repeats meanwhile are 409, then the first answers
@@ -297,7 +292,6 @@ async def _until_waiting(observer, user_id: int, within: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@postgresql_only
 def test_fifty_concurrent_repeats_of_one_keyed_create_make_exactly_one_ticket(transactional_db):
     """Through uvicorn (two workers, so two processes race for the key): fifty connections
     released at once by a barrier send the same keyed create."""
@@ -339,7 +333,6 @@ def test_fifty_concurrent_repeats_of_one_keyed_create_make_exactly_one_ticket(tr
     assert_invariants()
 
 
-@postgresql_only
 def test_a_keyed_move_retried_after_its_answer_was_lost_gets_the_first_answer(transactional_db):
     """Through uvicorn: the client sends the move and hangs up before the answer; the move
     happens. Its retry with the key answers that move's 200 (a retry without one: 409)."""
@@ -383,7 +376,6 @@ def test_a_keyed_move_retried_after_its_answer_was_lost_gets_the_first_answer(tr
     ]
 
 
-@postgresql_only
 async def test_a_failure_stores_nothing_and_its_retry_runs_anew(make_client, admin, agent):
     """A lock wait that times out (503) rolls the key back with the effect."""
     [ticket] = await run_sync(create_held, admin, agent, 1)
@@ -650,7 +642,6 @@ async def test_a_keyed_logout_with_another_token_is_another_request(make_client,
     assert (again.status_code, again.headers["Idempotent-Replayed"]) == (204, "true")
 
 
-@postgresql_only
 async def test_a_refusal_of_the_caller_found_under_the_lock_is_not_stored(
     make_client, admin, agent
 ):
@@ -695,7 +686,6 @@ def _expired_keys(user, count: int) -> None:
         )
 
 
-@postgresql_only
 async def test_a_backlog_of_expired_keys_never_holds_up_the_presence_flush(
     make_client, admin, monkeypatch
 ):
