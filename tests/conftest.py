@@ -1,6 +1,8 @@
 """Personas, small factories and an HTTP client over the real ASGI application."""
 
+import asyncio
 import itertools
+import time
 
 import httpx
 import psycopg
@@ -71,6 +73,18 @@ async def run_sync(fn, /, *args, **kwargs):
             connection.close()
 
     return await sync_to_async(call)()
+
+
+async def until_a_lock_wait(observer, within: float = 10.0) -> None:
+    """Until a session other than ``observer`` (a psycopg connection) waits for a lock: a
+    request held at a lock the observer's transaction holds."""
+    deadline = time.monotonic() + within
+    while not observer.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    ).fetchone()[0]:
+        assert time.monotonic() < deadline, "no session came to wait for the lock"
+        await asyncio.sleep(0.02)
 
 
 # The fields of a ticket as the API shows it (issue contract).

@@ -13,7 +13,7 @@ from django.utils import timezone
 from support import services
 from support.models import Ticket, TicketAssignment, TicketEvent
 from support.services import locks
-from tests.conftest import create_tickets, create_user, run_sync
+from tests.conftest import create_tickets, create_user, run_sync, until_a_lock_wait
 from tests.invariants import assert_invariants, held_ticket_ids
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -211,7 +211,6 @@ def test_database_refuses_a_second_active_assignment_when_code_is_bypassed(admin
 
 def _wait_until_blocked_on_a_lock(count=1, timeout=10.0):
     """Wait until ``count`` other sessions are waiting for a lock (PostgreSQL only)."""
-    import time
 
     deadline = time.monotonic() + timeout
     with connection.cursor() as cursor:
@@ -325,12 +324,7 @@ async def test_an_agent_demoted_while_its_request_waits_for_its_row_is_refused(
         else:
             request = client.get("/api/agent/tickets/")
         task = asyncio.create_task(request)
-        deadline = time.monotonic() + 10
-        while not admin_tx.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        ).fetchone()[0]:
-            assert time.monotonic() < deadline, "the request never waited for the agent's row"
-            await asyncio.sleep(0.02)
+        await until_a_lock_wait(admin_tx)  # the request waits for the agent's row
         admin_tx.commit()
         response = await task
     assert response.status_code == 403, response.text

@@ -24,12 +24,18 @@ from django.utils import timezone
 
 from support.api import idempotency
 from support.models import IdempotencyKey, Ticket, TicketEvent
-from tests.conftest import create_held, create_tickets, create_user, db_state, run_sync
+from tests.conftest import (
+    create_held,
+    create_tickets,
+    create_user,
+    db_state,
+    run_sync,
+    until_a_lock_wait,
+)
 from tests.invariants import assert_invariants
 from tests.servers import psycopg_conninfo, run_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
 
 
 def keyed(key: str, **headers) -> dict:
@@ -257,7 +263,7 @@ async def test_a_repeat_while_the_first_still_runs_is_409_with_retry_after(make_
         first = asyncio.create_task(
             client.post("/api/tickets/", json={"title": "held"}, headers=keyed("h"))
         )
-        await _until_waiting(locker, admin.pk)
+        await until_a_lock_wait(locker)  # the first reached its commit
         repeats = await asyncio.gather(
             *(
                 client.post("/api/tickets/", json={"title": "held"}, headers=keyed("h"))
@@ -276,20 +282,6 @@ async def test_a_repeat_while_the_first_still_runs_is_409_with_retry_after(make_
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.content == answer.content
     assert await run_sync(ticket_count, "held") == 1
-
-
-async def _until_waiting(observer, user_id: int, within: float = 10.0) -> None:
-    """Until a session of the app waits for a lock (the held request reached its commit)."""
-    deadline = time.monotonic() + within
-    while True:
-        waiting = observer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND application_name <> 'retries-test-locker'"
-        ).fetchone()[0]
-        if waiting:
-            return
-        assert time.monotonic() < deadline, "the first request never reached its commit"
-        await asyncio.sleep(0.02)
 
 
 def test_fifty_concurrent_repeats_of_one_keyed_create_make_exactly_one_ticket(transactional_db):
@@ -660,7 +652,7 @@ async def test_a_refusal_of_the_caller_found_under_the_lock_is_not_stored(
         first = asyncio.create_task(
             make_client(agent.token).post("/api/agent/tickets/", json=body, headers=keyed("gone"))
         )
-        await _until_waiting(locker, agent.pk)  # past the token check, at the agent's lock
+        await until_a_lock_wait(locker)  # past the token check, at the agent's lock
         locker.commit()
         refused = await first
     assert refused.status_code == 401, refused.text
