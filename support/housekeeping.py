@@ -46,6 +46,9 @@ from support.services.idle_release import idle_agents_release
 log = logging.getLogger("support.housekeeping")
 
 JITTER = 0.2  # each wait is its interval times a random factor in [1 - JITTER, 1 + JITTER]
+# A generator of its own, seeded from the system: the process-wide one is left to the program
+# that seeds it (tests, Hypothesis), and this module's draws from another thread never move it.
+_jitter = random.Random()  # noqa: S311 (timing jitter, not a secret)
 PURGE_EVERY = 300.0  # seconds between purges of expired idempotency keys (kept 24 h by default)
 # seconds of purging per turn, then as long again for the other work (a batch of 1,000 keys:
 # about 60 ms on the test machine)
@@ -99,7 +102,7 @@ async def _run() -> None:
 
 def _later(seconds: float) -> float:
     """When to run next: ``seconds`` from now, give or take JITTER."""
-    return time.monotonic() + seconds * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311
+    return time.monotonic() + seconds * _jitter.uniform(1 - JITTER, 1 + JITTER)
 
 
 def _first_sweep() -> float:

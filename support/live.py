@@ -49,6 +49,9 @@ log = logging.getLogger("support.live")
 
 CHANNEL = "support_pool"
 KEEPALIVE = 30.0  # seconds of silence after which the listening connection is checked
+# A generator of its own, seeded from the system: the process-wide one is left to the program
+# that seeds it (tests, Hypothesis), and this module's draws from another thread never move it.
+_jitter = random.Random()  # noqa: S311 (timing jitter, not a secret)
 APPLICATION_NAME = "support-listener"
 
 
@@ -208,7 +211,7 @@ class Pool:
                     self._listening(False)
             # Down (or SQLite): look at the pool while anyone waits, then try again.
             interval = settings.SUPPORT_WAIT_POLL_SECONDS
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
+            await asyncio.sleep(interval * _jitter.uniform(0.8, 1.2))
             if self.queue:
                 await self._look_through_app()
 

@@ -81,10 +81,15 @@ def log_event(message: str, **fields) -> None:
     events_log.info(message, extra={"event": message, **fields})
 
 
+# Request ids: unique, not secret: 128 random bits without uuid4's system call.
+# A generator of its own, seeded from the system: the process-wide one is left to the program
+# that seeds it (tests, Hypothesis), and this module's draws from another thread never move it.
+_ids = random.Random()  # noqa: S311 (unique ids, not secrets)
+
+
 def _request_id(request) -> str:
     given = request.META.get("HTTP_X_REQUEST_ID", "")
-    # Unique, not secret: 128 random bits without uuid4's system call.
-    return given if _CLEAN_ID.match(given) else f"{random.getrandbits(128):032x}"
+    return given if _CLEAN_ID.match(given) else f"{_ids.getrandbits(128):032x}"
 
 
 def _route(request) -> str:

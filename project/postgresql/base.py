@@ -44,6 +44,9 @@ from project.handler import connection_deadline
 # connection: an idle one is handed over at once.
 MIN_WAIT = 0.05
 RETRY_EVERY = 0.25  # seconds between attempts while requests wait and the database refuses
+# A generator of its own, seeded from the system: the process-wide one is left to the program
+# that seeds it (tests, Hypothesis), and this module's draws from another thread never move it.
+_jitter = random.Random()  # noqa: S311 (timing jitter, not a secret)
 
 _retry_pending = threading.Lock()  # one scheduled retry at a time per process
 
@@ -61,7 +64,7 @@ def retry_while_waiting(pool: ConnectionPool) -> None:
         if not pool.closed:
             pool.check()
 
-    timer = threading.Timer(RETRY_EVERY * random.uniform(0.8, 1.2), retry)  # noqa: S311
+    timer = threading.Timer(RETRY_EVERY * _jitter.uniform(0.8, 1.2), retry)
     timer.daemon = True
     timer.start()
 
